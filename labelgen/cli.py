@@ -1,0 +1,159 @@
+"""``labelgen`` command line. The only place that prints, draws progress and picks exit codes.
+
+Exit codes: 0 success; 1 finished but some shards crashed (rerun to retry them);
+2 a labelgen error (bad input, config mismatch, missing weights...); 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import LabelgenError
+
+log = logging.getLogger("labelgen")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labelgen", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"labelgen {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="label a folder / list / COCO JSON of images into a run directory")
+    run.add_argument("recipe", help="recipe YAML (e.g. recipes/zip-paper.yaml) or a name in ./recipes/")
+    run.add_argument("--images", required=True, help="image folder, list file (.txt) or COCO JSON")
+    run.add_argument("--images-kind", default="auto", choices=["auto", "folder", "list", "coco"])
+    run.add_argument("--images-root", help="COCO JSON: folder that file_name is relative to")
+    run.add_argument("--out", required=True, help="run directory (created; rerun the same command to resume)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe value, e.g. --set store.shard_size=128 (repeatable)")
+    run.add_argument("--workers", type=int, help="parallel worker processes (default: recipe)")
+    run.add_argument("--device", help="cpu, cuda or cuda:N (default: recipe)")
+    run.add_argument("--extend", action="store_true", help="add images new in the source as new shards")
+    run.add_argument("--new-run", action="store_true",
+                     help="if --out holds a different run, move it to archive/ and start over")
+    run.add_argument("--plugin", action="append", default=[], help="import MODULE to register generators")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    status = sub.add_parser("status", help="shards done/pending/failed, images, instances, failures")
+    status.add_argument("run_dir")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--verify", action="store_true", help="re-hash every committed shard file")
+
+    gens = sub.add_parser("generators", help="list the registered generators")
+    gens.add_argument("--plugin", action="append", default=[])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return {"run": _cmd_run, "status": _cmd_status, "generators": _cmd_generators}[args.command](args)
+    except LabelgenError as exc:
+        print(f"labelgen: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("labelgen: interrupted; committed shards are kept. Rerun the same command to resume.", file=sys.stderr)
+        return 130
+
+
+def _resolve_recipe(name: str) -> Path:
+    path = Path(name)
+    if not path.exists() and not path.suffix and (Path("recipes") / f"{name}.yaml").exists():
+        return Path("recipes") / f"{name}.yaml"
+    return path
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_recipe
+    from .generators import load_plugins
+    from .runner import run
+    from .sources import open_source
+
+    load_plugins(args.plugin)
+    overrides = list(args.overrides)
+    if args.workers is not None:
+        overrides.append(f"execution.workers={args.workers}")
+    if args.device is not None:
+        overrides.append(f"execution.device={args.device}")
+    recipe = load_recipe(_resolve_recipe(args.recipe), overrides)
+    options = {"extensions": recipe.images.extensions} if args.images_kind in ("auto", "folder") else {}
+    if args.images_root:
+        options["images_root"] = args.images_root
+    source = open_source(args.images, kind=args.images_kind, **options)
+    bar = _ProgressBar(enabled=not args.no_progress)
+    try:
+        result = run(recipe, source, args.out, extend=args.extend, new_run=args.new_run,
+                     plugins=args.plugin, progress=bar.callbacks())
+    finally:
+        bar.close()
+    _print_run_result(result)
+    return 1 if result.shards_failed else 0
+
+
+def _print_run_result(result) -> None:
+    from .status import format_status, run_status
+
+    if result.images_added:
+        print(f"planned {result.images_added} new images", file=sys.stderr)
+    print(f"{result.shards_done} shards run, {result.shards_skipped} already done", file=sys.stderr)
+    print(format_status(run_status(result.root)))
+    if result.shards_failed:
+        print(f"labelgen: {len(result.shards_failed)} shards crashed (see shards/*.error.json);"
+              " rerun the same command to retry them", file=sys.stderr)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .status import format_status, run_status
+
+    status = run_status(args.run_dir, verify=args.verify)
+    print(json.dumps(status, indent=1) if args.json else format_status(status))
+    return 0
+
+
+def _cmd_generators(args: argparse.Namespace) -> int:
+    from .generators import GENERATORS, load_plugins
+
+    load_plugins(args.plugin)
+    for name in GENERATORS.names():
+        print(name)
+    return 0
+
+
+class _ProgressBar:
+    """tqdm bar in images: done, images/s and ETA. Created lazily when the run knows its size."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+
+    def callbacks(self):
+        from .runner import RunProgress
+
+        return RunProgress(on_start=self._start, on_images=self._update)
+
+    def _start(self, total: int, done: int) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="img", dynamic_ncols=True, smoothing=0.1,
+                            file=sys.stderr, desc="labelling")
+
+    def _update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Run a recipe over an image source into a run directory: plan, resume, execute in parallel."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .config import Recipe, recipe_from_dict
+from .errors import GeneratorError, RunStoreError, StoreWriteError, WeightsNotFoundError
+from .generators import GENERATORS, load_plugins
+from .sources import ImageSource
+from .store import RunStore, ShardSpec
+from .worker import process_shard
+
+log = logging.getLogger(__name__)
+
+# Errors that would fail every shard the same way: stop the run instead of recording each.
+FATAL_ERRORS = (StoreWriteError, WeightsNotFoundError, GeneratorError)
+
+
+@dataclass
+class RunProgress:
+    """Callbacks the CLI uses to draw progress; the library itself never prints."""
+
+    on_start: Callable[[int, int], None] = lambda total_images, done_images: None
+    on_images: Callable[[int], None] = lambda n: None
+
+
+@dataclass
+class RunResult:
+    root: Path
+    shards_total: int
+    shards_skipped: int
+    shards_done: int
+    shards_failed: list[int] = field(default_factory=list)
+    images_added: int = 0
+    failures: int = 0
+
+
+def run(
+    recipe: Recipe,
+    source: ImageSource,
+    out: str | Path,
+    *,
+    extend: bool = False,
+    new_run: bool = False,
+    plugins: Sequence[str] = (),
+    progress: RunProgress | None = None,
+) -> RunResult:
+    """Label every image of ``source`` not yet committed in ``out``. Safe to kill and rerun."""
+    progress = progress or RunProgress()
+    store = RunStore(out)
+    _make_root(store.root)
+    generator_cls = GENERATORS.get(recipe.generator.name)
+    with store.locked():
+        store.cleanup_temps()
+        checked = not store.exists() or new_run
+        if checked:  # before anything is written: fixing the recipe must not look like a new config
+            generator_cls.preflight(recipe.generator.params)
+        added = _prepare(store, recipe, source, extend=extend, new_run=new_run)
+        plan, fingerprint = store.plan(), recipe.fingerprint()
+        pending = store.pending(fingerprint)
+        result = RunResult(store.root, len(plan), len(plan) - len(pending), 0, images_added=added)
+        if pending:
+            if not checked:
+                generator_cls.preflight(recipe.generator.params)
+            done_images = sum(len(s.images) for s in plan) - sum(len(s.images) for s in pending)
+            progress.on_start(sum(len(s.images) for s in plan), done_images)
+            _execute(store, recipe, pending, list(plugins), progress, result)
+        result.failures = store.write_failures_ledger()
+    return result
+
+
+def _make_root(root: Path) -> None:
+    from .atomic import store_write_error
+
+    if root.exists() and not root.is_dir():
+        raise RunStoreError(f"--out {root} exists and is not a folder; choose a folder path")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise store_write_error(exc, root, "run directory") from exc
+
+
+def _prepare(store: RunStore, recipe: Recipe, source: ImageSource, *, extend: bool, new_run: bool) -> int:
+    """New run: list the source and freeze the plan. Existing run: check identity, maybe extend."""
+    spec = source.describe()
+    if store.exists() and new_run:
+        log.warning("archived the previous run to %s", store.archive())
+    if not store.exists():
+        records = source.list_records()
+        store.initialize(recipe, spec, records)
+        return len(records)
+    store.check_same_run(recipe, spec)
+    if not extend:
+        return 0
+    added = store.extend(source.list_records(), recipe.store.shard_size, recipe.fingerprint())
+    return sum(len(s.images) for s in added)
+
+
+def _execute(store, recipe, pending, plugins, progress, result) -> None:
+    if recipe.execution.workers <= 1 or len(pending) == 1:
+        for shard in pending:
+            _collect(store, shard, _run_shard(str(store.root), shard, recipe, None, progress.on_images), result)
+        return
+    _execute_parallel(store, recipe, pending, plugins, progress, result)
+
+
+def _execute_parallel(store, recipe, pending, plugins, progress, result) -> None:
+    import multiprocessing
+
+    from joblib import Parallel, delayed
+
+    recipe_dict = recipe.to_dict()
+    with multiprocessing.Manager() as manager:
+        ticks = manager.Queue()
+        pump = threading.Thread(target=_pump, args=(ticks, progress.on_images), daemon=True)
+        pump.start()
+        try:
+            jobs = (delayed(_run_shard_in_worker)(str(store.root), s, recipe_dict, plugins, ticks) for s in pending)
+            parallel = Parallel(n_jobs=recipe.execution.workers, backend="loky", return_as="generator_unordered")
+            for shard_index, outcome in parallel(jobs):
+                _collect(store, store.plan()[shard_index], outcome, result)
+        finally:
+            ticks.put(None)
+            pump.join(timeout=5)
+
+
+def _pump(ticks: Any, on_images: Callable[[int], None]) -> None:
+    while True:
+        try:
+            item = ticks.get()
+        except (EOFError, OSError):
+            return
+        if item is None:
+            return
+        on_images(item)
+
+
+def _run_shard_in_worker(root: str, shard: ShardSpec, recipe_dict: dict, plugins: list[str], ticks: Any):
+    load_plugins(plugins)
+    recipe = recipe_from_dict(recipe_dict)
+    return shard.index, _run_shard(root, shard, recipe, ticks.put, None)
+
+
+def _run_shard(root, shard, recipe, put, on_images) -> dict[str, Any]:
+    """Run one shard; fatal errors propagate, anything else becomes an error outcome."""
+    callback = put if put is not None else on_images
+    try:
+        return {"ok": True, "done": process_shard(root, shard, recipe, callback)}
+    except FATAL_ERRORS:
+        raise
+    except Exception as exc:
+        log.exception("shard %s failed", shard.key)
+        return {"ok": False, "error": {"type": type(exc).__name__, "message": str(exc),
+                                       "traceback": traceback.format_exc()}}
+
+
+def _collect(store: RunStore, shard: ShardSpec, outcome: dict[str, Any], result: RunResult) -> None:
+    if outcome["ok"]:
+        result.shards_done += 1
+    else:
+        store.record_shard_error(shard, outcome["error"])
+        result.shards_failed.append(shard.index)

@@ -1,0 +1,76 @@
+"""Summaries of a run directory, for ``labelgen status``. Reads only; takes no lock."""
+from __future__ import annotations
+
+import collections
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from .store import RunStore
+
+
+def run_status(root: str | Path, verify: bool = False) -> dict[str, Any]:
+    """Counts of shards, images, instances and failures; throughput from the done records."""
+    store = RunStore(root)
+    manifest = store.manifest()
+    plan = store.plan()
+    done, failed_shards, reasons = [], [], collections.Counter()
+    for shard in plan:
+        record = store.done_record(shard, manifest["fingerprint"], verify=verify)
+        if record is not None:
+            done.append(record)
+            reasons.update(f["reason"] for f in record.get("failures", []))
+        elif store.shard_error_record(shard) is not None:
+            failed_shards.append(shard.index)
+    return {
+        "run_dir": str(store.root),
+        "run_id": manifest.get("run_id"),
+        "generator": manifest.get("generator"),
+        "created": manifest.get("created"),
+        "shards": {"total": len(plan), "done": len(done), "failed": len(failed_shards),
+                   "pending": len(plan) - len(done) - len(failed_shards), "failed_indices": failed_shards},
+        "images": {"planned": sum(len(s.images) for s in plan), "done": sum(d["images"] for d in done),
+                   "ok": sum(d["ok"] for d in done), "failed": sum(d["failed"] for d in done)},
+        "instances": sum(d["instances"] for d in done),
+        "failures_by_reason": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "throughput": _throughput(done),
+    }
+
+
+def _throughput(done: list[dict[str, Any]]) -> dict[str, float | None]:
+    images = sum(d["images"] for d in done)
+    busy = sum(d.get("seconds", 0.0) for d in done)
+    if not done:
+        return {"images_per_second": None, "images_per_worker_second": None}
+    start = min(dt.datetime.fromisoformat(d["started"]) for d in done)
+    end = max(dt.datetime.fromisoformat(d["finished"]) for d in done)
+    span = (end - start).total_seconds()
+    return {
+        "images_per_second": round(images / span, 3) if span > 0 else None,
+        "images_per_worker_second": round(images / busy, 3) if busy > 0 else None,
+    }
+
+
+def format_status(status: dict[str, Any]) -> str:
+    shards, images, tp = status["shards"], status["images"], status["throughput"]
+    lines = [
+        f"run       {status['run_dir']}  (id {status['run_id']}, generator {status['generator']})",
+        f"shards    {shards['done']} done, {shards['pending']} pending, {shards['failed']} failed, of {shards['total']}",
+        f"images    {images['done']} of {images['planned']} processed: {images['ok']} labelled, {images['failed']} failed",
+        f"instances {status['instances']}"
+        + (f"  ({status['instances'] / images['ok']:.2f} per labelled image)" if images["ok"] else ""),
+    ]
+    if status["failures_by_reason"]:
+        lines.append("failures  " + ", ".join(f"{r}: {n}" for r, n in status["failures_by_reason"].items()))
+    if shards["failed_indices"]:
+        lines.append(f"failed shards (see shards/NNNNNN.error.json): {shards['failed_indices'][:20]}")
+    if tp["images_per_second"] is not None or tp["images_per_worker_second"] is not None:
+        lines.append(
+            f"throughput {_fmt(tp['images_per_second'])} images/s (first to last shard),"
+            f" {_fmt(tp['images_per_worker_second'])} images/s per busy worker"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"

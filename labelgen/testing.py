@@ -1,0 +1,94 @@
+"""Test helpers shipped with the package. Nothing user-facing imports this module.
+
+``FakeGenerator`` ("fake") registers only when this module is imported, e.g. by the
+tests or by ``labelgen run --plugin labelgen.testing``. It loads no model: it cuts the
+image into vertical bands and returns the bright pixels of each band as an instance,
+so results depend on image content and are fully deterministic.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import GeneratorError
+from .generators import GENERATORS, Generator
+from .instances import ImageRecord, Instances
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FakeConfig:
+    instances_per_image: int = 3  # vertical bands, one instance each (0..64)
+    seconds_per_image: float = 0.0  # sleep per image, to make runs slow enough to interrupt
+    fail_image_ids: tuple[str, ...] = ()  # raise on these images (a recorded generator_error)
+    class_names: tuple[str, ...] = ()  # empty = class-agnostic
+
+
+@GENERATORS.register("fake")
+class FakeGenerator(Generator):
+    """Deterministic, model-free generator for tests and store benchmarks."""
+
+    name = "fake"
+    Config = FakeConfig
+
+    def __init__(self, config: FakeConfig):
+        self.config = config
+
+    @classmethod
+    def from_config(cls, config: FakeConfig, *, device: str = "cpu") -> "FakeGenerator":
+        if not 0 <= config.instances_per_image <= 64:
+            raise GeneratorError(f"fake.instances_per_image: expected 0..64; got {config.instances_per_image}")
+        log.warning("using the FAKE generator (labelgen.testing): labels are meaningless, for tests only")
+        return cls(config)
+
+    def generate(self, image_rgb: np.ndarray, record: ImageRecord) -> Instances:
+        if record.image_id in self.config.fail_image_ids:
+            raise RuntimeError(f"fake failure requested for {record.image_id}")
+        if self.config.seconds_per_image:
+            time.sleep(self.config.seconds_per_image)
+        height, width = image_rgb.shape[:2]
+        masks = band_masks(image_rgb, self.config.instances_per_image)
+        keep = masks.reshape(len(masks), -1).any(axis=1)
+        masks = masks[keep]
+        gray = image_rgb.mean(axis=2)
+        confidence = np.array([gray[m].mean() / 255.0 for m in masks], dtype=np.float32)
+        class_ids = None
+        if self.config.class_names:
+            class_ids = np.nonzero(keep)[0].astype(np.int32) % len(self.config.class_names)
+        return Instances.from_masks(
+            masks if len(masks) else np.zeros((0, height, width), bool),
+            scores={"confidence": confidence},
+            class_ids=class_ids,
+            attributes={"band": [int(b) for b in np.nonzero(keep)[0]]},
+            provenance={"generator": self.name},
+        )
+
+    def provenance(self) -> dict[str, Any]:
+        return {"generator": self.name, "test_only": True}
+
+    def class_names(self) -> tuple[str, ...] | None:
+        return self.config.class_names or None
+
+
+def band_masks(image_rgb: np.ndarray, bands: int) -> np.ndarray:
+    """``(bands, H, W)`` bool: pixels brighter than their band's mean, one band per mask."""
+    height, width = image_rgb.shape[:2]
+    gray = image_rgb.mean(axis=2)
+    masks = np.zeros((bands, height, width), dtype=bool)
+    edges = np.linspace(0, width, bands + 1).round().astype(int)
+    for i in range(bands):
+        x1, x2 = edges[i], edges[i + 1]
+        if x2 > x1:
+            band = gray[:, x1:x2]
+            masks[i, :, x1:x2] = band > band.mean()
+    return masks
+
+
+def fake_recipe_dict(**generator: Any) -> dict[str, Any]:
+    """A minimal recipe mapping using the fake generator (for tests)."""
+    return {"generator": {"name": "fake", **generator}, "store": {"shard_size": 4}}

@@ -1,0 +1,91 @@
+"""What one worker process does: load the generator once, then label shards."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from .config import ImagesConfig, Recipe
+from .decode import read_image_rgb
+from .errors import ImageDecodeError, LabelgenError, ValidationError
+from .generators import GENERATORS, Generator
+from .instances import ImageRecord, Instances
+from .store import RunStore, ShardSpec, utc_now
+
+log = logging.getLogger(__name__)
+
+_GENERATORS: dict[tuple[str, str], Generator] = {}  # per process: (fingerprint, device) -> generator
+
+
+def get_generator(recipe: Recipe) -> Generator:
+    """The process's generator for this recipe, built on first use (models load once per worker)."""
+    key = (recipe.fingerprint(), recipe.execution.device)
+    if key not in _GENERATORS:
+        cls = GENERATORS.get(recipe.generator.name)
+        _GENERATORS[key] = cls.from_config(recipe.generator.params, device=recipe.execution.device)
+    return _GENERATORS[key]
+
+
+def process_image(generator: Generator, record: ImageRecord, images: ImagesConfig) -> dict[str, Any]:
+    """One image -> one shard row. Never raises for a bad image or a generator failure."""
+    try:
+        image, info = read_image_rgb(record.uri, max_pixels=images.max_pixels, compute_sha256=images.compute_sha256)
+    except ImageDecodeError as exc:
+        return _failed_row(record, exc.reason, str(exc))
+    record = record.with_size(info["width"], info["height"], info.get("sha256"))
+    try:
+        instances = generator.generate(image, record)
+        _check_frame(instances, record)
+    except LabelgenError as exc:
+        return _failed_row(record, "generator_error", f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # a model bug or OOM on one image must not abort the run
+        log.exception("generator failed on %s", record.image_id)
+        return _failed_row(record, "generator_error", f"{type(exc).__name__}: {exc}")
+    return {"image": record.to_dict(), "status": "ok", "instances": instances.to_dict()}
+
+
+def process_shard(
+    root: str, shard: ShardSpec, recipe: Recipe, on_image: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    """Label every image of ``shard`` and commit it. Returns the done record."""
+    generator = get_generator(recipe)
+    started, t0 = utc_now(), time.perf_counter()
+    rows = []
+    for record in shard.images:
+        rows.append(process_image(generator, record, recipe.images))
+        if on_image is not None:
+            on_image(1)
+    summary = _summarize(rows)
+    summary.update(
+        fingerprint=recipe.fingerprint(),
+        started=started,
+        finished=utc_now(),
+        seconds=round(time.perf_counter() - t0, 4),
+        provenance=generator.provenance(),
+    )
+    return RunStore(root).commit_shard(shard, rows, summary, level=recipe.store.compress_level)
+
+
+def _summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    failures = [
+        {"image_id": r["image"]["image_id"], "uri": r["image"]["uri"], **r["failure"]}
+        for r in rows
+        if r["status"] == "failed"
+    ]
+    instances = sum(len(r["instances"]["masks_rle"]) for r in rows if r["status"] == "ok")
+    return {"images": len(rows), "ok": len(rows) - len(failures), "failed": len(failures),
+            "instances": instances, "failures": failures}
+
+
+def _failed_row(record: ImageRecord, reason: str, message: str) -> dict[str, Any]:
+    return {"image": record.to_dict(), "status": "failed", "failure": {"reason": reason, "message": message}}
+
+
+def _check_frame(instances: Instances, record: ImageRecord) -> None:
+    if not isinstance(instances, Instances):
+        raise ValidationError(f"generator must return Instances; got {type(instances).__name__}")
+    if (instances.height, instances.width) != (record.height, record.width):
+        raise ValidationError(
+            f"generator returned a {instances.width}x{instances.height} frame for a "
+            f"{record.width}x{record.height} image"
+        )
