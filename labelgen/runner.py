@@ -70,7 +70,8 @@ def run(
                 generator_cls.preflight(recipe.generator.params)
             done_images = sum(len(s.images) for s in plan) - sum(len(s.images) for s in pending)
             progress.on_start(sum(len(s.images) for s in plan), done_images)
-            _execute(store, recipe, pending, list(plugins), progress, result)
+            worker_plugins = [*plugins, generator_cls.__module__]  # workers import what registered it
+            _execute(store, recipe, pending, worker_plugins, progress, result)
         result.failures = store.write_failures_ledger()
     return result
 

@@ -1,0 +1,96 @@
+"""The command line: run, status, generators, and how errors are shown."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from labelgen.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_run_then_status(tmp_path, image_dir, capsys):
+    out = tmp_path / "run"
+    args = ["run", str(REPO / "recipes/fake-smoke.yaml"), "--plugin", "labelgen.testing", "--images", str(image_dir),
+            "--out", str(out), "--set", "store.shard_size=3", "--no-progress"]
+    code, stdout, stderr = _run(args, capsys)
+    assert code == 0, stderr
+    assert "4 shards run, 0 already done" in stderr and "10 labelled" in stdout
+    code, stdout, stderr = _run(args, capsys)
+    assert code == 0 and "0 shards run, 4 already done" in stderr
+    code, stdout, _ = _run(["status", str(out), "--json"], capsys)
+    status = json.loads(stdout)
+    assert code == 0 and status["shards"]["done"] == 4 and status["images"]["ok"] == 10
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "nope.yaml", "--images", ".", "--out", "x"], "recipe file not found"),
+        (["run", "RECIPE", "--images", "/nonexistent/dir", "--out", "OUT"], "/nonexistent/dir"),
+        (["run", "RECIPE", "--images", "IMAGES", "--out", "OUT", "--set", "store.shardsize=2"],
+         "Did you mean 'store.shard_size'?"),
+        (["run", "RECIPE", "--images", "IMAGES", "--out", "OUT", "--set", "generator.name=nope"],
+         "unknown generator 'nope'; available:"),
+        (["status", "OUT_EMPTY"], "not a labelgen run directory"),
+    ],
+)
+def test_errors_are_one_line_messages_with_exit_2(tmp_path, image_dir, capsys, args, message):
+    (tmp_path / "empty").mkdir()
+    subst = {"RECIPE": str(REPO / "recipes/fake-smoke.yaml"), "IMAGES": str(image_dir), "OUT": str(tmp_path / "o"),
+             "OUT_EMPTY": str(tmp_path / "empty")}
+    args = [subst.get(a, a) for a in args] + (["--plugin", "labelgen.testing"] if args[0] == "run" else [])
+    code, _, stderr = _run(args, capsys)
+    assert code == 2
+    assert stderr.startswith("labelgen: error:") and message in stderr
+    assert "Traceback" not in stderr
+
+
+def test_config_mismatch_exit_2_then_new_run(tmp_path, image_dir, capsys):
+    base = ["run", str(REPO / "recipes/fake-smoke.yaml"), "--plugin", "labelgen.testing", "--images", str(image_dir),
+            "--out", str(tmp_path / "run"), "--no-progress"]
+    assert _run(base, capsys)[0] == 0
+    code, _, stderr = _run(base + ["--set", "generator.instances_per_image=1"], capsys)
+    assert code == 2 and "generator.instances_per_image: 3 -> 1" in stderr
+    code, _, stderr = _run(base + ["--set", "generator.instances_per_image=1", "--new-run"], capsys)
+    assert code == 0 and (tmp_path / "run" / "archive").is_dir()
+
+
+def test_generators_lists_registered_names(capsys):
+    code, stdout, _ = _run(["generators", "--plugin", "labelgen.testing"], capsys)
+    assert code == 0 and stdout.split() == ["fake", "zip"]
+
+
+def test_fake_generator_is_not_available_without_the_plugin(tmp_path, image_dir):
+    """Nothing user-facing silently uses the test generator: a fresh process does not know it."""
+    env = {k: v for k, v in os.environ.items() if k != "LABELGEN_PLUGINS"}
+    out = subprocess.run([sys.executable, "-m", "labelgen.cli", "run", str(REPO / "recipes/fake-smoke.yaml"),
+                          "--images", str(image_dir), "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert out.returncode == 2 and "unknown generator 'fake'; available: zip" in out.stderr
+
+
+@pytest.mark.skipif(shutil.which("labelgen") is None and not (Path(sys.executable).parent / "labelgen").exists(),
+                    reason="console script not installed")
+def test_default_job_without_weights_stops_at_once_with_a_clear_message(tmp_path, coco128_images):
+    """The README's main job on a machine without weights: exit 2, names the file, writes nothing."""
+    script = Path(sys.executable).parent / "labelgen"
+    env = {**os.environ, "LABELGEN_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf")}
+    out = subprocess.run([str(script), "run", "recipes/zip-paper.yaml", "--images", str(coco128_images),
+                          "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "labelgen: error:" in out.stderr and "ViT-B-16" in out.stderr and "pretrained" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "run" / "run.json").exists()
