@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .atomic import store_write_error
 from .config import Recipe, recipe_from_dict
 from .errors import GeneratorError, RunStoreError, StoreWriteError, WeightsNotFoundError
 from .generators import GENERATORS, load_plugins
@@ -54,13 +55,13 @@ def run(
     """Label every image of ``source`` not yet committed in ``out``. Safe to kill and rerun."""
     progress = progress or RunProgress()
     store = RunStore(out)
-    _make_root(store.root)
     generator_cls = GENERATORS.get(recipe.generator.name)
+    checked = not store.exists() or new_run
+    if checked:  # before anything is written: fixing the recipe must not look like a new config
+        generator_cls.preflight(recipe.generator.params)
+    _make_root(store.root)
     with store.locked():
         store.cleanup_temps()
-        checked = not store.exists() or new_run
-        if checked:  # before anything is written: fixing the recipe must not look like a new config
-            generator_cls.preflight(recipe.generator.params)
         added = _prepare(store, recipe, source, extend=extend, new_run=new_run)
         plan, fingerprint = store.plan(), recipe.fingerprint()
         pending = store.pending(fingerprint)
@@ -77,8 +78,6 @@ def run(
 
 
 def _make_root(root: Path) -> None:
-    from .atomic import store_write_error
-
     if root.exists() and not root.is_dir():
         raise RunStoreError(f"--out {root} exists and is not a folder; choose a folder path")
     try:
@@ -106,7 +105,7 @@ def _prepare(store: RunStore, recipe: Recipe, source: ImageSource, *, extend: bo
 def _execute(store, recipe, pending, plugins, progress, result) -> None:
     if recipe.execution.workers <= 1 or len(pending) == 1:
         for shard in pending:
-            _collect(store, shard, _run_shard(str(store.root), shard, recipe, None, progress.on_images), result)
+            _collect(store, shard, _run_shard(str(store.root), shard, recipe, progress.on_images), result)
         return
     _execute_parallel(store, recipe, pending, plugins, progress, result)
 
@@ -145,14 +144,13 @@ def _pump(ticks: Any, on_images: Callable[[int], None]) -> None:
 def _run_shard_in_worker(root: str, shard: ShardSpec, recipe_dict: dict, plugins: list[str], ticks: Any):
     load_plugins(plugins)
     recipe = recipe_from_dict(recipe_dict)
-    return shard.index, _run_shard(root, shard, recipe, ticks.put, None)
+    return shard.index, _run_shard(root, shard, recipe, ticks.put)
 
 
-def _run_shard(root, shard, recipe, put, on_images) -> dict[str, Any]:
+def _run_shard(root: str, shard: ShardSpec, recipe: Recipe, on_image: Callable[[int], None]) -> dict[str, Any]:
     """Run one shard; fatal errors propagate, anything else becomes an error outcome."""
-    callback = put if put is not None else on_images
     try:
-        return {"ok": True, "done": process_shard(root, shard, recipe, callback)}
+        return {"ok": True, "done": process_shard(root, shard, recipe, on_image)}
     except FATAL_ERRORS:
         raise
     except Exception as exc:
