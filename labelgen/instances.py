@@ -17,7 +17,7 @@ from .masks import RLE, masks_to_rles, rles_to_boxes_xyxy, rles_to_masks, valida
 _JSON_SCALARS = (str, int, float, bool, type(None))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageRecord:
     """One input image.
 

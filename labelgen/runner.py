@@ -63,16 +63,18 @@ def run(
     with store.locked():
         store.cleanup_temps()
         added = _prepare(store, recipe, source, extend=extend, new_run=new_run)
-        plan, fingerprint = store.plan(), recipe.fingerprint()
-        pending = store.pending(fingerprint)
-        result = RunResult(store.root, len(plan), len(plan) - len(pending), 0, images_added=added)
-        if pending:
+        plan = store.plan_summary(recipe.fingerprint())
+        result = RunResult(store.root, plan.shards, plan.shards - len(plan.pending), 0, images_added=added)
+        if plan.pending:
             if not checked:
                 generator_cls.preflight(recipe.generator.params)
-            done_images = sum(len(s.images) for s in plan) - sum(len(s.images) for s in pending)
-            progress.on_start(sum(len(s.images) for s in plan), done_images)
+            progress.on_start(plan.images, plan.images - plan.pending_images)
             worker_plugins = [*plugins, generator_cls.__module__]  # workers import what registered it
-            _execute(store, recipe, pending, worker_plugins, progress, result)
+            pending = store.iter_pending(set(plan.pending))
+            if recipe.execution.workers <= 1 or len(plan.pending) == 1:
+                _execute_serial(store, recipe, pending, progress, result)
+            else:
+                _execute_parallel(store, recipe, pending, worker_plugins, progress, result)
         result.failures = store.write_failures_ledger()
     return result
 
@@ -102,12 +104,9 @@ def _prepare(store: RunStore, recipe: Recipe, source: ImageSource, *, extend: bo
     return sum(len(s.images) for s in added)
 
 
-def _execute(store, recipe, pending, plugins, progress, result) -> None:
-    if recipe.execution.workers <= 1 or len(pending) == 1:
-        for shard in pending:
-            _collect(store, shard, _run_shard(str(store.root), shard, recipe, progress.on_images), result)
-        return
-    _execute_parallel(store, recipe, pending, plugins, progress, result)
+def _execute_serial(store, recipe, pending, progress, result) -> None:
+    for shard in pending:
+        _collect(store, shard.index, _run_shard(str(store.root), shard, recipe, progress.on_images), result)
 
 
 def _execute_parallel(store, recipe, pending, plugins, progress, result) -> None:
@@ -124,7 +123,7 @@ def _execute_parallel(store, recipe, pending, plugins, progress, result) -> None
             jobs = (delayed(_run_shard_in_worker)(str(store.root), s, recipe_dict, plugins, ticks) for s in pending)
             parallel = Parallel(n_jobs=recipe.execution.workers, backend="loky", return_as="generator_unordered")
             for shard_index, outcome in parallel(jobs):
-                _collect(store, store.plan()[shard_index], outcome, result)
+                _collect(store, shard_index, outcome, result)
         finally:
             ticks.put(None)
             pump.join(timeout=5)
@@ -159,9 +158,9 @@ def _run_shard(root: str, shard: ShardSpec, recipe: Recipe, on_image: Callable[[
                                        "traceback": traceback.format_exc()}}
 
 
-def _collect(store: RunStore, shard: ShardSpec, outcome: dict[str, Any], result: RunResult) -> None:
+def _collect(store: RunStore, index: int, outcome: dict[str, Any], result: RunResult) -> None:
     if outcome["ok"]:
         result.shards_done += 1
     else:
-        store.record_shard_error(shard, outcome["error"])
-        result.shards_failed.append(shard.index)
+        store.record_shard_error(index, outcome["error"])
+        result.shards_failed.append(index)

@@ -13,23 +13,26 @@ def run_status(root: str | Path, verify: bool = False) -> dict[str, Any]:
     """Counts of shards, images, instances and failures; throughput from the done records."""
     store = RunStore(root)
     manifest = store.manifest()
-    plan = store.plan()
     done, failed_shards, reasons = [], [], collections.Counter()
-    for shard in plan:
+    total_shards = planned_images = 0
+    for shard in store.iter_plan():
+        total_shards += 1
+        planned_images += len(shard.images)
         record = store.done_record(shard, manifest["fingerprint"], verify=verify)
         if record is not None:
+            record.pop("failures", None)  # keep memory flat: only counts are needed
             done.append(record)
-            reasons.update(f["reason"] for f in record.get("failures", []))
-        elif store.shard_error_record(shard) is not None:
+            reasons.update(record.get("failure_reasons", {}))
+        elif store.shard_error_record(shard.index) is not None:
             failed_shards.append(shard.index)
     return {
         "run_dir": str(store.root),
         "run_id": manifest.get("run_id"),
         "generator": manifest.get("generator"),
         "created": manifest.get("created"),
-        "shards": {"total": len(plan), "done": len(done), "failed": len(failed_shards),
-                   "pending": len(plan) - len(done) - len(failed_shards), "failed_indices": failed_shards},
-        "images": {"planned": sum(len(s.images) for s in plan), "done": sum(d["images"] for d in done),
+        "shards": {"total": total_shards, "done": len(done), "failed": len(failed_shards),
+                   "pending": total_shards - len(done) - len(failed_shards), "failed_indices": failed_shards},
+        "images": {"planned": planned_images, "done": sum(d["images"] for d in done),
                    "ok": sum(d["ok"] for d in done), "failed": sum(d["failed"] for d in done)},
         "instances": sum(d["instances"] for d in done),
         "failures_by_reason": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),

@@ -5,7 +5,7 @@ Layout (the contract is ``docs/run-directory.md``)::
     RUN_DIR/
       run.json          identity: format, run id, fingerprint, source, versions (written last at init)
       config.yaml       the resolved recipe
-      plan.json         the frozen shard plan: image ids and uris of every shard
+      plan.jsonl        the frozen shard plan: a header line, then one line per shard (ids, uris)
       shards/NNNNNN.jsonl.gz    one JSON line per image, in plan order
       shards/NNNNNN.done.json   commit record, written after the output (atomic rename)
       shards/NNNNNN.error.json  last crash of a shard that is not done
@@ -19,18 +19,20 @@ import contextlib
 import datetime as dt
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import secrets
 import shutil
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import yaml
 
 from .atomic import (
+    atomic_file,
     read_jsonl_gz,
     remove_stale_temps,
     store_write_error,
@@ -59,6 +61,7 @@ class ShardSpec:
     def key(self) -> str:
         return f"{self.index:06d}"
 
+
     @property
     def digest(self) -> str:
         """sha256 of the shard's (image_id, uri) list: ties a done record to this exact plan entry."""
@@ -71,6 +74,14 @@ class ShardSpec:
     def from_dict(cls, data: dict[str, Any]) -> "ShardSpec":
         images = tuple(ImageRecord(i, u, w, h) for i, u, w, h in data["images"])
         return cls(index=int(data["index"]), images=images)
+
+
+@dataclass
+class PlanSummary:
+    shards: int = 0
+    images: int = 0
+    pending: list[int] = field(default_factory=list)
+    pending_images: int = 0
 
 
 def plan_shards(records: Sequence[ImageRecord], shard_size: int, first_index: int = 0) -> list[ShardSpec]:
@@ -92,12 +103,11 @@ class RunStore:
         self.root = Path(root)
         self.run_json = self.root / "run.json"
         self.config_yaml = self.root / "config.yaml"
-        self.plan_json = self.root / "plan.json"
+        self.plan_jsonl = self.root / "plan.jsonl"
         self.shards_dir = self.root / "shards"
         self.failures_jsonl = self.root / "failures.jsonl"
         self.lock_path = self.root / ".lock"
         self._lock_fd: int | None = None
-        self._plan: list[ShardSpec] | None = None
 
     # -- lock -------------------------------------------------------------------------
     def acquire_lock(self) -> None:
@@ -188,37 +198,59 @@ class RunStore:
         target = self.root / "archive" / run_id
         try:
             target.mkdir(parents=True, exist_ok=False)
-            for path in (self.run_json, self.config_yaml, self.plan_json, self.shards_dir, self.failures_jsonl):
+            for path in (self.run_json, self.config_yaml, self.plan_jsonl, self.shards_dir, self.failures_jsonl):
                 if path.exists():
                     shutil.move(str(path), str(target / path.name))
         except OSError as exc:
             raise store_write_error(exc, target, "archive of the previous run") from exc
-        self._plan = None
         return target
 
     # -- plan ------------------------------------------------------------------------
-    def plan(self) -> list[ShardSpec]:
-        if self._plan is None:
-            try:
-                data = json.loads(self.plan_json.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise RunStoreError(f"{self.plan_json} is missing or corrupt: {exc}") from None
-            self._plan = [ShardSpec.from_dict(s) for s in data["shards"]]
-        return self._plan
+    def iter_plan(self) -> Iterator[ShardSpec]:
+        """Shards in index order, read lazily: memory stays flat however large the plan."""
+        try:
+            with open(self.plan_jsonl, encoding="utf-8") as handle:
+                header = json.loads(handle.readline() or "null")
+                if not isinstance(header, dict) or header.get("format") != PLAN_FORMAT:
+                    raise RunStoreError(f"{self.plan_jsonl}: not a {PLAN_FORMAT} file")
+                for line in handle:
+                    yield ShardSpec.from_dict(json.loads(line))
+        except FileNotFoundError:
+            raise RunStoreError(f"{self.plan_jsonl} is missing; {self.root} is not a complete run directory") from None
+        except (OSError, json.JSONDecodeError, KeyError, ValueError) as exc:
+            raise RunStoreError(f"{self.plan_jsonl} is corrupt: {exc}") from None
+
+    def plan_summary(self, fingerprint: str) -> "PlanSummary":
+        """One lazy pass: shard/image totals and which shards are pending."""
+        summary = PlanSummary()
+        for shard in self.iter_plan():
+            summary.shards += 1
+            summary.images += len(shard.images)
+            if self.done_record(shard, fingerprint) is None:
+                summary.pending.append(shard.index)
+                summary.pending_images += len(shard.images)
+        return summary
+
+    def iter_pending(self, pending: set[int]) -> Iterator[ShardSpec]:
+        return (shard for shard in self.iter_plan() if shard.index in pending)
 
     def extend(self, records: Sequence[ImageRecord], shard_size: int, fingerprint: str) -> list[ShardSpec]:
         """Append shards for images not yet in the plan; existing shards never change."""
-        planned = {r.image_id for shard in self.plan() for r in shard.images}
-        new = [r for r in records if r.image_id not in planned]
-        added = plan_shards(new, shard_size, first_index=len(self.plan()))
+        planned, count = set(), 0
+        for shard in self.iter_plan():
+            planned.update(r.image_id for r in shard.images)
+            count += 1
+        added = plan_shards([r for r in records if r.image_id not in planned], shard_size, first_index=count)
         if added:
-            self._write_plan(self.plan() + added, fingerprint)
+            self._write_plan(itertools.chain(self.iter_plan(), added), fingerprint)
         return added
 
-    def _write_plan(self, shards: list[ShardSpec], fingerprint: str) -> None:
-        data = {"format": PLAN_FORMAT, "fingerprint": fingerprint, "shards": [s.to_dict() for s in shards]}
-        write_json_atomic(self.plan_json, data, "shard plan")
-        self._plan = shards
+    def _write_plan(self, shards: Iterable[ShardSpec], fingerprint: str) -> None:
+        with atomic_file(self.plan_jsonl, "shard plan") as handle:
+            header = {"format": PLAN_FORMAT, "fingerprint": fingerprint}
+            handle.write((json.dumps(header) + "\n").encode())
+            for shard in shards:
+                handle.write((json.dumps(shard.to_dict(), separators=(",", ":")) + "\n").encode())
 
     def _make_dirs(self) -> None:
         try:
@@ -227,36 +259,33 @@ class RunStore:
             raise store_write_error(exc, self.shards_dir, "run directory") from exc
 
     # -- shards ----------------------------------------------------------------------
-    def shard_output(self, shard: ShardSpec) -> Path:
-        return self.shards_dir / f"{shard.key}.jsonl.gz"
+    def shard_output(self, index: int) -> Path:
+        return self.shards_dir / f"{index:06d}.jsonl.gz"
 
-    def shard_done(self, shard: ShardSpec) -> Path:
-        return self.shards_dir / f"{shard.key}.done.json"
+    def shard_done(self, index: int) -> Path:
+        return self.shards_dir / f"{index:06d}.done.json"
 
-    def shard_error(self, shard: ShardSpec) -> Path:
-        return self.shards_dir / f"{shard.key}.error.json"
+    def shard_error(self, index: int) -> Path:
+        return self.shards_dir / f"{index:06d}.error.json"
 
     def done_record(self, shard: ShardSpec, fingerprint: str | None = None, verify: bool = False) -> dict | None:
         """The shard's commit record if it is valid for this plan entry (and config), else ``None``."""
         try:
-            done = json.loads(self.shard_done(shard).read_text(encoding="utf-8"))
-            size = self.shard_output(shard).stat().st_size
+            done = json.loads(self.shard_done(shard.index).read_text(encoding="utf-8"))
+            size = self.shard_output(shard.index).stat().st_size
         except (OSError, json.JSONDecodeError):
             return None
         if done.get("format") != DONE_FORMAT or done.get("plan_digest") != shard.digest or done.get("bytes") != size:
             return None
         if fingerprint is not None and done.get("fingerprint") != fingerprint:
             return None
-        if verify and done.get("sha256") != _sha256_file(self.shard_output(shard)):
+        if verify and done.get("sha256") != _sha256_file(self.shard_output(shard.index)):
             return None
         return done
 
-    def pending(self, fingerprint: str) -> list[ShardSpec]:
-        return [s for s in self.plan() if self.done_record(s, fingerprint) is None]
-
     def commit_shard(self, shard: ShardSpec, rows: list[dict], summary: dict[str, Any], level: int = 6) -> dict:
         """Write the shard's output, then its done record; both atomic. Returns the done record."""
-        output = self.shard_output(shard)
+        output = self.shard_output(shard.index)
         write_jsonl_gz_atomic(output, rows, f"shard {shard.key} output", level=level)
         done = {
             "format": DONE_FORMAT,
@@ -267,19 +296,19 @@ class RunStore:
             "sha256": _sha256_file(output),
             **summary,
         }
-        write_json_atomic(self.shard_done(shard), done, f"shard {shard.key} done record")
+        write_json_atomic(self.shard_done(shard.index), done, f"shard {shard.key} done record")
         with contextlib.suppress(OSError):
-            self.shard_error(shard).unlink()
+            self.shard_error(shard.index).unlink()
         return done
 
-    def record_shard_error(self, shard: ShardSpec, error: dict[str, Any]) -> None:
+    def record_shard_error(self, index: int, error: dict[str, Any]) -> None:
         """Best effort: a crash record must never hide the original error."""
         with contextlib.suppress(Exception):
-            write_json_atomic(self.shard_error(shard), {"shard": shard.index, "time": utc_now(), **error}, "error")
+            write_json_atomic(self.shard_error(index), {"shard": index, "time": utc_now(), **error}, "error")
 
-    def shard_error_record(self, shard: ShardSpec) -> dict | None:
+    def shard_error_record(self, index: int) -> dict | None:
         try:
-            return json.loads(self.shard_error(shard).read_text(encoding="utf-8"))
+            return json.loads(self.shard_error(index).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             return None
 
@@ -289,19 +318,19 @@ class RunStore:
     # -- reading results ----------------------------------------------------------------
     def iter_rows(self) -> Iterator[dict]:
         """Every committed image row, shard by shard in plan order."""
-        for shard in self.plan():
+        for shard in self.iter_plan():
             if self.done_record(shard) is not None:
-                yield from read_jsonl_gz(self.shard_output(shard))
+                yield from read_jsonl_gz(self.shard_output(shard.index))
 
     def write_failures_ledger(self) -> int:
-        """Rebuild ``failures.jsonl`` from the done records; return the number of failures."""
-        lines = []
-        for shard in self.plan():
-            done = self.done_record(shard)
-            for failure in (done or {}).get("failures", []):
-                lines.append(json.dumps({"shard": shard.index, **failure}, sort_keys=True))
-        write_bytes_atomic(self.failures_jsonl, ("\n".join(lines) + "\n" if lines else "").encode(), "failures ledger")
-        return len(lines)
+        """Rebuild ``failures.jsonl`` from the done records (streaming); return the number of failures."""
+        count = 0
+        with atomic_file(self.failures_jsonl, "failures ledger") as handle:
+            for shard in self.iter_plan():
+                for failure in (self.done_record(shard) or {}).get("failures", []):
+                    handle.write((json.dumps({"shard": shard.index, **failure}, sort_keys=True) + "\n").encode())
+                    count += 1
+        return count
 
 
 def _sha256_file(path: Path) -> str:

@@ -1,6 +1,7 @@
 """What one worker process does: load the generator once, then label shards."""
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from typing import Any, Callable
@@ -73,8 +74,9 @@ def _summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if r["status"] == "failed"
     ]
     instances = sum(len(r["instances"]["masks_rle"]) for r in rows if r["status"] == "ok")
+    reasons = collections.Counter(f["reason"] for f in failures)
     return {"images": len(rows), "ok": len(rows) - len(failures), "failed": len(failures),
-            "instances": instances, "failures": failures}
+            "instances": instances, "failures": failures, "failure_reasons": dict(sorted(reasons.items()))}
 
 
 def _failed_row(record: ImageRecord, reason: str, message: str) -> dict[str, Any]:

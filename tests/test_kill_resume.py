@@ -29,8 +29,8 @@ def _env():
 
 def _rows(root):
     rows = []
-    plan = json.loads((root / "plan.json").read_text())
-    for shard in plan["shards"]:
+    lines = (root / "plan.jsonl").read_text().splitlines()[1:]
+    for shard in map(json.loads, lines):
         with gzip.open(root / "shards" / f"{shard['index']:06d}.jsonl.gz", "rt") as handle:
             rows.extend(json.loads(line) for line in handle)
     return rows

@@ -29,7 +29,7 @@ def test_first_run_writes_self_describing_directory(tmp_path, image_dir):
     assert manifest["versions"]["numpy"] and manifest["versions"]["python"]
     assert manifest["source"]["kind"] == "folder"
     assert store.stored_config()["store"]["shard_size"] == 4
-    assert [len(s.images) for s in store.plan()] == [4, 4, 2]
+    assert [len(s.images) for s in store.iter_plan()] == [4, 4, 2]
     assert result.shards_done == 3 and result.shards_skipped == 0
     rows = _rows(store)
     assert [r["image"]["image_id"] for r in rows] == sorted(p.name for p in image_dir.iterdir())
@@ -182,7 +182,7 @@ def test_write_failure_mid_run_keeps_committed_shards(tmp_path, image_dir, monke
     assert "disk is full" in str(info.value) and "000002.jsonl.gz" in str(info.value)
     monkeypatch.undo()
     store = RunStore(root)
-    assert [s.index for s in store.pending(recipe.fingerprint())] == [2]
+    assert store.plan_summary(recipe.fingerprint()).pending == [2]
     assert not list((root / "shards").glob("*.tmp-*"))
     result = run(recipe, FolderSource(image_dir), root)
     assert result.shards_done == 1 and len(_rows(store)) == 10
@@ -215,7 +215,7 @@ def test_real_file_size_limit_gives_clear_error_and_resume_works(tmp_path):
     assert "STORE_WRITE_ERROR" in out.stdout, out.stderr
     assert "file size limit" in out.stdout
     store = RunStore(root)
-    done_before = [s.index for s in store.plan() if store.done_record(s)]
+    done_before = [s.index for s in store.iter_plan() if store.done_record(s)]
     result = run(make_recipe(), FolderSource(image_dir), root)
     assert result.shards_done == 3 - len(done_before)
     assert len(_rows(store)) == 10
