@@ -1,43 +1,50 @@
 """The ``zip`` generator (ICLR 2024 "Zip"): CLIP boundary clustering + SAM refinement.
 
-Specification: ``docs/method.md``. This module holds the generator's typed config and
-its weight pre-flight; the four model stages are being built (issue 3) and until then
-``from_config`` refuses with a clear message rather than producing anything.
-Imports no torch at import time.
+Specification and every knob: ``docs/method.md``. Per image:
+
+1. semantic: CLIP Surgery activation maps + CLS class probabilities; gate classes;
+2. boundary: CLIP ResNet layer3 features, K-means into fragments;
+3. discovery: per kept class, activated fragments -> instances -> prompt boxes;
+4. refine: one SAM embedding, all boxes decoded in one call; confidence; mask NMS.
+
+Imports no torch at import time: model code loads in ``from_config``.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from typing import Any
 
-from ..errors import GeneratorError
+import numpy as np
+
+from ..instances import ImageRecord, Instances
+from ..masks import masks_to_rles, rles_to_boxes_xyxy
+from ..nms import mask_nms
 from ..weights import resolve_clip_weights, resolve_sam_checkpoint
+from ..zipmethod.config import ZipConfig
+from ..zipmethod.discovery import activation_mask, discover_instances, grid_boxes_to_image
+from ..zipmethod.refine import zip_confidence
 from . import GENERATORS
 from .base import Generator
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class ClipModelConfig:
-    model: str  # open_clip architecture name
-    pretrained: str = "openai"  # open_clip pretrained tag, or a local weights file
+SCORE_COLUMNS = ("confidence", "clip_class_prob", "sam_predicted_iou", "sam_stability_score",
+                 "activated_fraction", "extent")
 
 
 @dataclass(frozen=True)
-class SamConfig:
-    model_type: str = "vit_h"  # vit_h | vit_l | vit_b
-    checkpoint: str = ""  # local file; empty = the official checkpoint in the labelgen cache
+class Proposals:
+    """Stage 3 output: prompt boxes of one image with what each came from (N rows)."""
 
-
-@dataclass(frozen=True)
-class ZipConfig:
-    semantic: ClipModelConfig = field(default_factory=lambda: ClipModelConfig("ViT-B-16"))  # stage 1
-    boundary: ClipModelConfig = field(default_factory=lambda: ClipModelConfig("RN50x64"))  # stage 2
-    sam: SamConfig = field(default_factory=SamConfig)  # stage 4
-    random_weights: bool = False  # build the real architectures with random weights (smoke tests only)
-    allow_download: bool = True  # fetch missing official weights when the network allows
+    boxes_xyxy: np.ndarray  # (N, 4) float32 XYXY image pixels
+    class_ids: np.ndarray  # (N,) int32 index into the stage-1 class names
+    class_probs: np.ndarray  # (N,) float32 CLS-token probability of that class
+    activated_fraction: np.ndarray  # (N,) float32
+    extent: np.ndarray  # (N,) float32 area / box area on the grid
+    cluster_ids: tuple  # N tuples of int
+    area_cells: tuple  # N ints
 
 
 @GENERATORS.register("zip")
@@ -45,11 +52,21 @@ class ZipGenerator(Generator):
     name = "zip"
     Config = ZipConfig
 
+    def __init__(self, config: ZipConfig, semantic: Any, boundary: Any, refiner: Any, facts: dict[str, Any]):
+        self.config = config
+        self.semantic = semantic
+        self.boundary = boundary
+        self.refiner = refiner
+        self.facts = facts
+        self.last_timings: dict[str, float] = {}  # seconds per stage of the last image
+
+    # -- building -----------------------------------------------------------------------
     @classmethod
     def preflight(cls, config: ZipConfig) -> None:
         """Fail at once, before any worker starts, when a weight file is missing."""
         if config.random_weights:
-            log.warning("zip: RANDOM WEIGHTS requested; the labels will be meaningless (smoke test only)")
+            log.warning("zip: RANDOM WEIGHTS requested: the real architectures with random weights."
+                        " The labels will be MEANINGLESS (smoke test only).")
             return
         resolve_clip_weights(config.semantic.model, config.semantic.pretrained, allow_download=config.allow_download)
         resolve_clip_weights(config.boundary.model, config.boundary.pretrained, allow_download=config.allow_download)
@@ -57,10 +74,129 @@ class ZipGenerator(Generator):
 
     @classmethod
     def from_config(cls, config: ZipConfig, *, device: str = "cpu") -> "ZipGenerator":
-        raise GeneratorError(
-            "the zip generator's model stages are not in this version of labelgen yet (tracked as issue 3);"
-            " its config and weight checks are. Use another generator for now."
+        from ..zipmethod.boundary import BoundaryStage
+        from ..zipmethod.loading import check_device, load_clip, load_sam
+        from ..zipmethod.refine import SamRefiner
+        from ..zipmethod.semantic import SemanticStage
+
+        dev = check_device(device)
+        if config.random_weights:
+            log.warning("zip: building models with RANDOM WEIGHTS; labels are meaningless")
+        common = {"random_weights": config.random_weights, "allow_download": config.allow_download, "device": dev}
+        clip_vit, tokenizer, vit_facts = load_clip(config.semantic.model, config.semantic.pretrained, **common)
+        clip_rn, _, rn_facts = load_clip(config.boundary.model, config.boundary.pretrained, **common)
+        sam, sam_facts = load_sam(config.sam.model_type, config.sam.checkpoint, **common)
+        precision = config.precision
+        facts = {"generator": cls.name, "random_weights": config.random_weights, "device": str(dev),
+                 "precision": precision, "semantic": vit_facts, "boundary": rn_facts, "sam": sam_facts}
+        return cls(
+            config,
+            SemanticStage(clip_vit, tokenizer, config.semantic, device=dev, precision=precision),
+            BoundaryStage(clip_rn, config.boundary, device=dev, precision=precision),
+            SamRefiner(sam, config.sam, device=str(dev), precision=precision),
+            facts,
         )
 
-    def generate(self, image_rgb: Any, record: Any) -> Any:  # pragma: no cover - unreachable until issue 3
-        raise GeneratorError("zip generator is not available in this version")
+    def provenance(self) -> dict[str, Any]:
+        return dict(self.facts)
+
+    def class_names(self) -> tuple[str, ...] | None:
+        return None if self.config.semantic.class_agnostic else self.semantic.class_names
+
+    # -- one image ------------------------------------------------------------------------
+    def generate(self, image_rgb: np.ndarray, record: ImageRecord) -> Instances:
+        height, width = image_rgb.shape[:2]
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        semantic = self.semantic(image_rgb)
+        timings["semantic"] = _lap(t0)
+        if len(semantic.kept) == 0:
+            self.last_timings = timings
+            return self._empty(height, width)
+        t0 = time.perf_counter()
+        activation = semantic.maps[semantic.kept].max(axis=0) if self.config.boundary.init == "semantic" else None
+        boundary = self.boundary(image_rgb, activation)
+        timings["boundary"] = _lap(t0)
+        t0 = time.perf_counter()
+        proposals = self.propose(semantic, boundary, height, width)
+        timings["discovery"] = _lap(t0)
+        t0 = time.perf_counter()
+        instances = self._refine(image_rgb, proposals)
+        timings["refine"] = _lap(t0)
+        self.last_timings = timings
+        return instances
+
+    def propose(self, semantic: Any, boundary: Any, height: int, width: int) -> Proposals:
+        """Stage 3 for every kept class: activated fragments -> instances -> image-pixel boxes."""
+        rows: list[tuple] = []
+        for class_id in semantic.kept:
+            activated = activation_mask(semantic.maps[class_id], height, width, boundary.grid_height,
+                                        boundary.grid_width, self.config.discovery.activation_ratio)
+            for inst in discover_instances(boundary.labels, activated, self.config.discovery):
+                rows.append((inst, int(class_id), float(semantic.class_probs[class_id])))
+        grid_boxes = np.array([r[0].box_xyxy_grid for r in rows], dtype=np.float64).reshape(-1, 4)
+        return Proposals(
+            boxes_xyxy=grid_boxes_to_image(grid_boxes, boundary.grid_height, boundary.grid_width, height, width),
+            class_ids=np.array([r[1] for r in rows], dtype=np.int32),
+            class_probs=np.array([r[2] for r in rows], dtype=np.float32),
+            activated_fraction=np.array([r[0].activated_fraction for r in rows], dtype=np.float32),
+            extent=np.array([r[0].extent for r in rows], dtype=np.float32),
+            cluster_ids=tuple(tuple(int(c) for c in r[0].cluster_ids) for r in rows),
+            area_cells=tuple(int(r[0].area_cells) for r in rows),
+        )
+
+    def _refine(self, image_rgb: np.ndarray, proposals: Proposals) -> Instances:
+        """Stage 4: SAM masks for all boxes in one call, scores, drop empty masks, mask NMS."""
+        height, width = image_rgb.shape[:2]
+        if len(proposals.boxes_xyxy) == 0:
+            return self._empty(height, width)
+        refined = self.refiner.refine(image_rgb, proposals.boxes_xyxy)
+        nonempty = refined.masks.reshape(len(refined.masks), -1).any(axis=1)
+        rles = masks_to_rles(refined.masks)
+        scores = {
+            "confidence": zip_confidence(proposals.class_probs, refined.predicted_iou),
+            "clip_class_prob": proposals.class_probs,
+            "sam_predicted_iou": refined.predicted_iou,
+            "sam_stability_score": refined.stability_score,
+            "activated_fraction": proposals.activated_fraction,
+            "extent": proposals.extent,
+        }
+        instances = Instances(
+            height=height,
+            width=width,
+            masks_rle=tuple(rles),
+            boxes_xyxy=rles_to_boxes_xyxy(rles),
+            scores=scores,
+            class_ids=None if self.config.semantic.class_agnostic else proposals.class_ids,
+            attributes={
+                "prompt_box_xyxy": [[float(v) for v in box] for box in proposals.boxes_xyxy],
+                "semantic_class_id": [int(c) for c in proposals.class_ids],
+                "cluster_ids": [list(c) for c in proposals.cluster_ids],
+                "area_cells": list(proposals.area_cells),
+                "sam_mask_choice": [int(c) for c in refined.mask_choice],
+            },
+            provenance={"generator": self.name},
+        )[nonempty]
+        return self._suppress_duplicates(instances)
+
+    def _suppress_duplicates(self, instances: Instances) -> Instances:
+        """Mask NMS across classes and overlapping prompts (IoU and intersection-over-smaller)."""
+        if len(instances) < 2:
+            return instances
+        keep, _ = mask_nms(list(instances.masks_rle), instances.scores["confidence"],
+                           self.config.sam.nms_iou, self.config.sam.nms_ios)
+        return instances[np.sort(keep)]
+
+    def _empty(self, height: int, width: int) -> Instances:
+        return Instances(
+            height=height, width=width,
+            scores={name: np.zeros((0,), np.float32) for name in SCORE_COLUMNS},
+            class_ids=None if self.config.semantic.class_agnostic else np.zeros((0,), np.int32),
+            attributes={name: () for name in ("prompt_box_xyxy", "semantic_class_id", "cluster_ids",
+                                               "area_cells", "sam_mask_choice")},
+            provenance={"generator": self.name},
+        )
+
+
+def _lap(t0: float) -> float:
+    return round(time.perf_counter() - t0, 6)

@@ -15,6 +15,8 @@ class SemanticConfig:
     pretrained: str = "openai"  # open_clip pretrained tag, or a local weights file
     input_size: int = 512  # image squashed to input_size^2 (bicubic); 512 -> 32x32 tokens at patch 16
     surgery_depth: int = 6  # the last N residual blocks get the v-v "new path"
+    new_path_start: Literal["input", "zeros"] = "input"  # new path before the first surgered block:
+    # a copy of that block's input (as the authors' release runs it) or zeros
     vocabulary: tuple[str, ...] = ()  # class names; empty = class-agnostic
     class_agnostic: bool = True  # True: no class ids (union over the vocabulary, or `generic_prompt`)
     generic_prompt: str = "object"  # the one-word vocabulary used when agnostic and vocabulary is empty
