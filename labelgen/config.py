@@ -56,6 +56,7 @@ class ExecutionConfig:
 
     workers: int = 1  # process workers; each loads the model once
     device: str = "cpu"  # cpu, cuda, cuda:N
+    threads_per_worker: int = 0  # torch CPU threads per worker; 0 = cores // workers
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ def run_status(root: str | Path, verify: bool = False) -> dict[str, Any]:
         "instances": sum(d["instances"] for d in done),
         "failures_by_reason": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
         "throughput": _throughput(done),
+        "random_weights": any(d.get("provenance", {}).get("random_weights") for d in done),
     }
 
 
@@ -67,6 +68,8 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("failures  " + ", ".join(f"{r}: {n}" for r, n in status["failures_by_reason"].items()))
     if shards["failed_indices"]:
         lines.append(f"failed shards (see shards/NNNNNN.error.json): {shards['failed_indices'][:20]}")
+    if status.get("random_weights"):
+        lines.append("WARNING   made with RANDOM WEIGHTS (smoke test): these labels are meaningless")
     if tp["images_per_second"] is not None or tp["images_per_worker_second"] is not None:
         lines.append(
             f"throughput {_fmt(tp['images_per_second'])} images/s (first to last shard),"

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
+import sys
 import time
 from typing import Any, Callable
 
-from .config import ImagesConfig, Recipe
+from .config import ExecutionConfig, ImagesConfig, Recipe
 from .decode import read_image_rgb
 from .errors import ImageDecodeError, LabelgenError, ValidationError
 from .generators import GENERATORS, Generator
@@ -24,7 +26,17 @@ def get_generator(recipe: Recipe) -> Generator:
     if key not in _GENERATORS:
         cls = GENERATORS.get(recipe.generator.name)
         _GENERATORS[key] = cls.from_config(recipe.generator.params, device=recipe.execution.device)
+        _limit_torch_threads(recipe.execution)
     return _GENERATORS[key]
+
+
+def _limit_torch_threads(execution: ExecutionConfig) -> None:
+    """Share the CPU cores between workers: oversubscribed torch threads slow everything down."""
+    torch = sys.modules.get("torch")  # only generators that use torch have imported it
+    if torch is None:
+        return
+    threads = execution.threads_per_worker or max(1, (os.cpu_count() or 1) // execution.workers)
+    torch.set_num_threads(threads)
 
 
 def process_image(generator: Generator, record: ImageRecord, images: ImagesConfig) -> dict[str, Any]:
