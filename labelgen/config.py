@@ -16,6 +16,7 @@ as YAML scalars/lists (``--set generator.vocabulary=[cat,dog]``).
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import hashlib
@@ -84,14 +85,14 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-ready mapping; ``recipe_from_dict`` of it gives an equal recipe."""
         params = self.generator.params
-        gen = {"name": self.generator.name, **(dataclasses.asdict(params) if params is not None else {})}
+        gen = {"name": self.generator.name, **(config_to_dict(params) if params is not None else {})}
         return _plain(
             {
                 "description": self.description,
                 "generator": gen,
-                "images": dataclasses.asdict(self.images),
-                "store": dataclasses.asdict(self.store),
-                "execution": dataclasses.asdict(self.execution),
+                "images": config_to_dict(self.images),
+                "store": config_to_dict(self.store),
+                "execution": config_to_dict(self.execution),
             }
         )
 
@@ -103,6 +104,17 @@ class Recipe:
     def fingerprint(self) -> str:
         """sha256 hex of the canonical JSON of ``identity()``."""
         return hashlib.sha256(canonical_json(self.identity()).encode()).hexdigest()
+
+
+def config_to_dict(config: Any) -> Any:
+    """A frozen config dataclass as plain dicts/lists (mapping fields included)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: config_to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, Mapping):
+        return {str(k): config_to_dict(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [config_to_dict(v) for v in config]
+    return config
 
 
 def canonical_json(data: Any) -> str:
@@ -223,6 +235,13 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if value not in args:
             raise ConfigError(f"{path}: expected one of {list(args)}; got {value!r}")
         return value
+    if origin in (dict, Mapping, collections.abc.Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping; got {type(value).__name__} {value!r}")
+        key_type, value_type = args if args else (Any, Any)
+        return types.MappingProxyType({
+            _coerce(key_type, k, f"{path} key"): _coerce(value_type, v, f"{path}.{k}") for k, v in value.items()
+        })
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list; got {type(value).__name__} {value!r}")
