@@ -30,6 +30,9 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 
 from .errors import ConfigError
+from .labeling import LabelerConfig
+from .labeling import class_names as labeler_class_names
+from .scoring import ScoringConfig
 
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -74,6 +77,8 @@ class Recipe:
     images: ImagesConfig = field(default_factory=ImagesConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    labeler: LabelerConfig | None = None  # name every instance with CLIP and a vocabulary (after generation)
+    scoring: ScoringConfig | None = None  # recompute `confidence` from score columns (after labelling)
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -93,13 +98,23 @@ class Recipe:
                 "images": config_to_dict(self.images),
                 "store": config_to_dict(self.store),
                 "execution": config_to_dict(self.execution),
+                "labeler": config_to_dict(self.labeler),
+                "scoring": config_to_dict(self.scoring),
             }
         )
 
     def identity(self) -> dict[str, Any]:
         """The part of the config that determines outputs (execution excluded)."""
         data = self.to_dict()
-        return {k: data[k] for k in ("generator", "images", "store")}
+        return {k: data[k] for k in IDENTITY_SECTIONS}
+
+    def class_names(self) -> tuple[str, ...] | None:
+        """What ``class_ids`` of this recipe's results index into (``None`` = class-agnostic)."""
+        if self.labeler is not None:
+            return labeler_class_names(self.labeler)
+        from .generators import GENERATORS
+
+        return GENERATORS.get(self.generator.name).vocabulary(self.generator.params)
 
     def fingerprint(self) -> str:
         """sha256 hex of the canonical JSON of ``identity()``."""
@@ -115,6 +130,9 @@ def config_to_dict(config: Any) -> Any:
     if isinstance(config, (list, tuple)):
         return [config_to_dict(v) for v in config]
     return config
+
+
+IDENTITY_SECTIONS = ("generator", "images", "store", "labeler", "scoring")
 
 
 def canonical_json(data: Any) -> str:
@@ -190,6 +208,8 @@ class _RecipeRest:
     images: ImagesConfig = field(default_factory=ImagesConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    labeler: LabelerConfig | None = None
+    scoring: ScoringConfig | None = None
     description: str = ""
 
 

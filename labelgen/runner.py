@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import traceback
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from .atomic import store_write_error
 from .config import Recipe, recipe_from_dict
 from .errors import GeneratorError, RunStoreError, StoreWriteError, WeightsNotFoundError
 from .generators import GENERATORS, load_plugins
+from .labeling import preflight as labeler_preflight
 from .sources import ImageSource
 from .store import RunStore, ShardSpec
 from .worker import process_shard
@@ -58,7 +58,7 @@ def run(
     generator_cls = GENERATORS.get(recipe.generator.name)
     checked = not store.exists() or new_run
     if checked:  # before anything is written: fixing the recipe must not look like a new config
-        generator_cls.preflight(recipe.generator.params)
+        _preflight(generator_cls, recipe)
     _make_root(store.root)
     with store.locked():
         store.cleanup_temps()
@@ -67,7 +67,7 @@ def run(
         result = RunResult(store.root, plan.shards, plan.shards - len(plan.pending), 0, images_added=added)
         if plan.pending:
             if not checked:
-                generator_cls.preflight(recipe.generator.params)
+                _preflight(generator_cls, recipe)
             progress.on_start(plan.images, plan.images - plan.pending_images)
             worker_plugins = [*plugins, generator_cls.__module__]  # workers import what registered it
             pending = store.iter_pending(set(plan.pending))
@@ -77,6 +77,13 @@ def run(
                 _execute_parallel(store, recipe, pending, worker_plugins, progress, result)
         result.failures = store.write_failures_ledger()
     return result
+
+
+def _preflight(generator_cls: Any, recipe: Recipe) -> None:
+    """Cheap checks (weights present) for the generator and the labeler, before any work starts."""
+    generator_cls.preflight(recipe.generator.params)
+    if recipe.labeler is not None:
+        labeler_preflight(recipe.labeler)
 
 
 def _make_root(root: Path) -> None:

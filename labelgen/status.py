@@ -37,8 +37,13 @@ def run_status(root: str | Path, verify: bool = False) -> dict[str, Any]:
         "instances": sum(d["instances"] for d in done),
         "failures_by_reason": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
         "throughput": _throughput(done),
-        "random_weights": any(d.get("provenance", {}).get("random_weights") for d in done),
+        "random_weights": any(_random_weights(d.get("provenance", {})) for d in done),
     }
+
+
+def _random_weights(provenance: dict[str, Any]) -> bool:
+    labeler = provenance.get("labeler")
+    return bool(provenance.get("random_weights") or (isinstance(labeler, dict) and labeler.get("random_weights")))
 
 
 def _throughput(done: list[dict[str, Any]]) -> dict[str, float | None]:

@@ -35,12 +35,13 @@ from .atomic import (
     atomic_file,
     read_jsonl_gz,
     remove_stale_temps,
+    sha256_file,
     store_write_error,
     write_bytes_atomic,
     write_json_atomic,
     write_jsonl_gz_atomic,
 )
-from .config import Recipe, canonical_json, config_diff
+from .config import IDENTITY_SECTIONS, Recipe, canonical_json, config_diff
 from .errors import ConfigMismatchError, RunLockedError, RunStoreError
 from .instances import ImageRecord
 from .versions import library_versions
@@ -169,6 +170,7 @@ class RunStore:
             "created": utc_now(),
             "fingerprint": recipe.fingerprint(),
             "generator": recipe.generator.name,
+            "class_names": None if recipe.class_names() is None else list(recipe.class_names()),
             "source": source_spec,
             "versions": library_versions(),
         }
@@ -181,7 +183,7 @@ class RunStore:
             raise RunStoreError(f"{self.run_json}: format {manifest.get('format')!r}; this labelgen reads {RUN_FORMAT!r}")
         lines = []
         if manifest["fingerprint"] != recipe.fingerprint():
-            old = {k: v for k, v in self.stored_config().items() if k in ("generator", "images", "store")}
+            old = {k: v for k, v in self.stored_config().items() if k in IDENTITY_SECTIONS}
             lines += config_diff(old, recipe.identity()) or ["  (configuration fingerprint differs)"]
         if manifest["source"] != source_spec:
             lines += config_diff({"source": manifest["source"]}, {"source": source_spec})
@@ -279,7 +281,7 @@ class RunStore:
             return None
         if fingerprint is not None and done.get("fingerprint") != fingerprint:
             return None
-        if verify and done.get("sha256") != _sha256_file(self.shard_output(shard.index)):
+        if verify and done.get("sha256") != sha256_file(self.shard_output(shard.index)):
             return None
         return done
 
@@ -293,7 +295,7 @@ class RunStore:
             "plan_digest": shard.digest,
             "output": output.name,
             "bytes": output.stat().st_size,
-            "sha256": _sha256_file(output),
+            "sha256": sha256_file(output),
             **summary,
         }
         write_json_atomic(self.shard_done(shard.index), done, f"shard {shard.key} done record")
@@ -332,10 +334,3 @@ class RunStore:
                     count += 1
         return count
 
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

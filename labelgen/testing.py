@@ -71,8 +71,9 @@ class FakeGenerator(Generator):
     def provenance(self) -> dict[str, Any]:
         return {"generator": self.name, "test_only": True}
 
-    def class_names(self) -> tuple[str, ...] | None:
-        return self.config.class_names or None
+    @classmethod
+    def vocabulary(cls, config: FakeConfig) -> tuple[str, ...] | None:
+        return tuple(config.class_names) or None
 
 
 def band_masks(image_rgb: np.ndarray, bands: int) -> np.ndarray:

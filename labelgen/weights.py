@@ -7,7 +7,6 @@ file and how to supply it. Imports no torch.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .atomic import sha256_file
 from .errors import WeightsNotFoundError
 
 log = logging.getLogger(__name__)
@@ -52,14 +52,6 @@ SAM_CHECKPOINTS = {
 def cache_dir() -> Path:
     """``$LABELGEN_CACHE`` or ``~/.cache/labelgen``."""
     return Path(os.environ.get("LABELGEN_CACHE") or Path.home() / ".cache" / "labelgen")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def looks_like_path(value: str) -> bool:

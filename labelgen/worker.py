@@ -13,11 +13,13 @@ from .decode import read_image_rgb
 from .errors import ImageDecodeError, LabelgenError, ValidationError
 from .generators import GENERATORS, Generator
 from .instances import ImageRecord, Instances
+from .scoring import ScoringConfig, with_combined_score
 from .store import RunStore, ShardSpec, utc_now
 
 log = logging.getLogger(__name__)
 
 _GENERATORS: dict[tuple[str, str], Generator] = {}  # per process: (fingerprint, device) -> generator
+_LABELERS: dict[tuple[str, str], Any] = {}  # per process: (fingerprint, device) -> ClipLabeler
 
 
 def get_generator(recipe: Recipe) -> Generator:
@@ -30,6 +32,19 @@ def get_generator(recipe: Recipe) -> Generator:
     return _GENERATORS[key]
 
 
+def get_labeler(recipe: Recipe) -> Any:
+    """The process's CLIP labeler for this recipe, or ``None`` when the recipe has none."""
+    if recipe.labeler is None:
+        return None
+    key = (recipe.fingerprint(), recipe.execution.device)
+    if key not in _LABELERS:
+        from .clip_labeler import ClipLabeler  # torch: only when a labeler is asked for
+
+        _LABELERS[key] = ClipLabeler.from_config(recipe.labeler, device=recipe.execution.device)
+        _limit_torch_threads(recipe.execution)
+    return _LABELERS[key]
+
+
 def _limit_torch_threads(execution: ExecutionConfig) -> None:
     """Share the CPU cores between workers: oversubscribed torch threads slow everything down."""
     torch = sys.modules.get("torch")  # only generators that use torch have imported it
@@ -39,7 +54,8 @@ def _limit_torch_threads(execution: ExecutionConfig) -> None:
     torch.set_num_threads(threads)
 
 
-def process_image(generator: Generator, record: ImageRecord, images: ImagesConfig) -> dict[str, Any]:
+def process_image(generator: Generator, record: ImageRecord, images: ImagesConfig,
+                  scoring: ScoringConfig | None = None, labeler: Any = None) -> dict[str, Any]:
     """One image -> one shard row. Never raises for a bad image or a generator failure."""
     try:
         image, info = read_image_rgb(record.uri, max_pixels=images.max_pixels, compute_sha256=images.compute_sha256)
@@ -49,6 +65,10 @@ def process_image(generator: Generator, record: ImageRecord, images: ImagesConfi
     try:
         instances = generator.generate(image, record)
         _check_frame(instances, record)
+        if labeler is not None:
+            instances = labeler.label(image, instances)
+        if scoring is not None:
+            instances = with_combined_score(instances, scoring)
     except LabelgenError as exc:
         return _failed_row(record, "generator_error", f"{type(exc).__name__}: {exc}")
     except Exception as exc:  # a model bug or OOM on one image must not abort the run
@@ -61,11 +81,11 @@ def process_shard(
     root: str, shard: ShardSpec, recipe: Recipe, on_image: Callable[[int], None] | None = None
 ) -> dict[str, Any]:
     """Label every image of ``shard`` and commit it. Returns the done record."""
-    generator = get_generator(recipe)
+    generator, labeler = get_generator(recipe), get_labeler(recipe)
     started, t0 = utc_now(), time.perf_counter()
     rows = []
     for record in shard.images:
-        rows.append(process_image(generator, record, recipe.images))
+        rows.append(process_image(generator, record, recipe.images, recipe.scoring, labeler))
         if on_image is not None:
             on_image(1)
     summary = _summarize(rows)
@@ -74,7 +94,7 @@ def process_shard(
         started=started,
         finished=utc_now(),
         seconds=round(time.perf_counter() - t0, 4),
-        provenance=generator.provenance(),
+        provenance={**generator.provenance(), **({"labeler": labeler.provenance()} if labeler else {})},
     )
     return RunStore(root).commit_shard(shard, rows, summary, level=recipe.store.compress_level)
 

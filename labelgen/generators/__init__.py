@@ -44,5 +44,6 @@ def load_plugins(modules: Sequence[str] = ()) -> list[str]:
 
 
 from . import zip as _zip  # noqa: E402,F401  (built-in: registers "zip")
+from . import sam_auto as _sam_auto  # noqa: E402,F401  (built-in: registers "sam-auto")
 
 __all__ = ["GENERATORS", "Generator", "load_plugins"]

@@ -48,4 +48,9 @@ class Generator(abc.ABC):
 
     def class_names(self) -> tuple[str, ...] | None:
         """Vocabulary that ``class_ids`` index into, or ``None`` when class-agnostic."""
+        return type(self).vocabulary(self.config) if hasattr(self, "config") else None
+
+    @classmethod
+    def vocabulary(cls, config: Any) -> tuple[str, ...] | None:
+        """The class names a config makes ``class_ids`` refer to (known without loading models)."""
         return None

@@ -100,8 +100,11 @@ class ZipGenerator(Generator):
     def provenance(self) -> dict[str, Any]:
         return dict(self.facts)
 
-    def class_names(self) -> tuple[str, ...] | None:
-        return None if self.config.semantic.class_agnostic else self.semantic.class_names
+    @classmethod
+    def vocabulary(cls, config: ZipConfig) -> tuple[str, ...] | None:
+        if config.semantic.class_agnostic:
+            return None
+        return tuple(config.semantic.vocabulary) or (config.semantic.generic_prompt,)
 
     # -- one image ------------------------------------------------------------------------
     def generate(self, image_rgb: np.ndarray, record: ImageRecord) -> Instances:
