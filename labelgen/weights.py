@@ -58,23 +58,24 @@ def looks_like_path(value: str) -> bool:
     return value.endswith(WEIGHT_SUFFIXES) or "/" in value or os.sep in value
 
 
-def resolve_sam_checkpoint(model_type: str, checkpoint: str = "", *, allow_download: bool = True) -> Path:
+def resolve_sam_checkpoint(model_type: str, checkpoint: str = "", *, allow_download: bool = True,
+                           config_key: str = "generator.sam.checkpoint") -> Path:
     """Path of a SAM checkpoint: ``checkpoint`` if given, else the official file in the cache.
 
     The official file is downloaded into ``cache_dir()/sam`` when allowed and reachable,
-    and its SHA-256 is checked either way.
+    and its SHA-256 is checked either way. ``config_key`` is the recipe key named in errors.
     """
     if model_type not in SAM_CHECKPOINTS:
         raise WeightsNotFoundError(f"unknown SAM model type {model_type!r}; expected one of {sorted(SAM_CHECKPOINTS)}")
     if checkpoint:
-        return _existing_file(checkpoint, f"SAM {model_type} checkpoint", "generator.sam.checkpoint")
+        return _existing_file(checkpoint, f"SAM {model_type} checkpoint", config_key)
     official = SAM_CHECKPOINTS[model_type]
     target = cache_dir() / "sam" / official.filename
     if target.is_file():
         _check_sha256(target, official.sha256)
         return target
     how = (f"download {official.url} on a machine with internet and put it at {target}, or set"
-           f" generator.sam.checkpoint=/path/to/{official.filename}")
+           f" {config_key}=/path/to/{official.filename}")
     if not allow_download:
         raise WeightsNotFoundError(f"SAM {model_type} checkpoint not found at {target} (downloads disabled); {how}")
     _download(official.url, target, official.sha256, how)

@@ -1,5 +1,6 @@
 """The sam-auto generator (SAM's automatic mask generator) on the tiny SAM with random weights."""
 import dataclasses
+import inspect
 import json
 import logging
 
@@ -10,7 +11,7 @@ from conftest import REPO
 from labelgen import weights
 from labelgen.config import load_recipe, recipe_from_dict
 from labelgen.decode import read_image_rgb
-from labelgen.errors import ConfigError, GeneratorError, WeightsNotFoundError
+from labelgen.errors import ConfigError, GeneratorError, ValidationError, WeightsNotFoundError
 from labelgen.generators import GENERATORS
 from labelgen.generators.sam_auto import SamAutoConfig, SamAutoGenerator
 from labelgen.instances import ImageRecord, Instances
@@ -144,8 +145,6 @@ def test_no_mask_gives_empty_columns(tiny_generator, coco128_images, monkeypatch
 
 
 def test_bad_image_is_a_validation_error(tiny_generator):
-    from labelgen.errors import ValidationError
-
     with pytest.raises(ValidationError, match=r"\(H, W, 3\) uint8"):
         tiny_generator.generate(np.zeros((4, 4), np.uint8), ImageRecord("x", "/x", 4, 4))
 
@@ -155,8 +154,7 @@ def test_recipe_defaults_are_sams_own():
     recipe = recipe_from_dict({"generator": {"name": "sam-auto", "points_per_side": 16}})
     assert isinstance(recipe.generator.params, SamAutoConfig)
     assert recipe.generator.params == dataclasses.replace(SamAutoConfig(), points_per_side=16)
-    from segment_anything import SamAutomaticMaskGenerator
-    import inspect
+    from segment_anything import SamAutomaticMaskGenerator  # the defaults must stay SAM's own
 
     sam_defaults = {k: p.default for k, p in inspect.signature(SamAutomaticMaskGenerator).parameters.items()}
     assert {k: sam_defaults[k] for k in SamAutoConfig().amg_kwargs()} == SamAutoConfig().amg_kwargs()

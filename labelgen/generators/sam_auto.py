@@ -32,7 +32,7 @@ from typing import Any, Iterator, Literal
 
 import numpy as np
 
-from ..errors import ConfigError, ValidationError, WeightsNotFoundError
+from ..errors import ConfigError, ValidationError
 from ..instances import ImageRecord, Instances
 from ..masks import rles_to_boxes_xyxy
 from ..weights import resolve_sam_checkpoint
@@ -95,6 +95,9 @@ def _check_at_least(name: str, value: int, low: int) -> None:
         raise ConfigError(f"generator.{name}: expected an integer >= {low}; got {value}")
 
 
+CHECKPOINT_KEY = "generator.checkpoint"  # the recipe key named in missing-checkpoint errors
+
+
 @GENERATORS.register("sam-auto")
 class SamAutoGenerator(Generator):
     name = "sam-auto"
@@ -113,8 +116,8 @@ class SamAutoGenerator(Generator):
             log.warning("sam-auto: RANDOM WEIGHTS requested: the real SAM architecture with random weights."
                         " The labels will be MEANINGLESS (smoke test only).")
             return
-        with _checkpoint_key_hint():
-            resolve_sam_checkpoint(config.model_type, config.checkpoint, allow_download=config.allow_download)
+        resolve_sam_checkpoint(config.model_type, config.checkpoint, allow_download=config.allow_download,
+                               config_key=CHECKPOINT_KEY)
 
     @classmethod
     def from_config(cls, config: SamAutoConfig, *, device: str = "cpu") -> "SamAutoGenerator":
@@ -125,9 +128,8 @@ class SamAutoGenerator(Generator):
         dev = check_device(device)
         if config.random_weights:
             log.warning("sam-auto: building SAM with RANDOM WEIGHTS; labels are meaningless")
-        with _checkpoint_key_hint():
-            sam, sam_facts = load_sam(config.model_type, config.checkpoint, random_weights=config.random_weights,
-                                      allow_download=config.allow_download, device=dev)
+        sam, sam_facts = load_sam(config.model_type, config.checkpoint, random_weights=config.random_weights,
+                                  allow_download=config.allow_download, device=dev, config_key=CHECKPOINT_KEY)
         mask_generator = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **config.amg_kwargs())
         mask_generator.predictor = _float32_outputs(mask_generator.predictor)
         facts = {"generator": cls.name, "random_weights": config.random_weights, "device": str(dev),
@@ -222,15 +224,3 @@ def _check_image(image_rgb: np.ndarray) -> tuple[int, int]:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
         raise ValidationError(f"image_rgb must be (H, W, 3) uint8; got shape {image.shape}, dtype {image.dtype}")
     return int(image.shape[0]), int(image.shape[1])
-
-
-@contextlib.contextmanager
-def _checkpoint_key_hint() -> Iterator[None]:
-    """``labelgen.weights`` names Zip's recipe key in its advice; sam-auto's key is ``generator.checkpoint``."""
-    try:
-        yield
-    except WeightsNotFoundError as exc:
-        message = str(exc)
-        if "generator.sam.checkpoint" not in message:
-            raise
-        raise WeightsNotFoundError(message.replace("generator.sam.checkpoint", "generator.checkpoint")) from exc

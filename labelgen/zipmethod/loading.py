@@ -54,7 +54,7 @@ def load_clip(model_name: str, pretrained: str, *, random_weights: bool, allow_d
 
 
 def load_sam(model_type: str, checkpoint: str, *, random_weights: bool, allow_download: bool,
-             device: torch.device) -> tuple[Any, dict[str, Any]]:
+             device: torch.device, config_key: str = "generator.sam.checkpoint") -> tuple[Any, dict[str, Any]]:
     """A SAM model in eval mode on ``device`` and provenance facts (checkpoint path and SHA-256)."""
     from ..weights import SAM_CHECKPOINTS
     from .refine import build_sam
@@ -62,7 +62,7 @@ def load_sam(model_type: str, checkpoint: str, *, random_weights: bool, allow_do
     if random_weights:
         torch.manual_seed(RANDOM_SEED)
         return build_sam(model_type, None, str(device)), {"model_type": model_type, "weights": "RANDOM"}
-    path = resolve_sam_checkpoint(model_type, checkpoint, allow_download=allow_download)
+    path = resolve_sam_checkpoint(model_type, checkpoint, allow_download=allow_download, config_key=config_key)
     facts: dict[str, Any] = {"model_type": model_type, "weights": str(path)}
     if not checkpoint:  # the official file: its SHA-256 was checked when it was resolved
         facts["sha256"] = SAM_CHECKPOINTS[model_type].sha256
