@@ -18,6 +18,15 @@ from .errors import LabelgenError
 log = logging.getLogger("labelgen")
 
 
+_FILTER_FLAGS = [
+    ("--min-confidence", "min_confidence", float), ("--confidence-column", "confidence_column", str),
+    ("--min-area", "min_area", int), ("--max-area", "max_area", int),
+    ("--min-area-fraction", "min_area_fraction", float), ("--max-area-fraction", "max_area_fraction", float),
+    ("--nms-iou", "nms_iou", float), ("--nms-ios", "nms_ios", float), ("--max-instances", "max_instances", int),
+    ("--border-margin", "border_margin", int), ("--min-component-area", "min_component_area", int),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labelgen", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"labelgen {__version__}")
@@ -45,6 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--verify", action="store_true", help="re-hash every committed shard file")
 
+    filt = sub.add_parser("filter", help="apply confidence/area/NMS/... filters to a finished run (no model loaded)")
+    filt.add_argument("run_dir")
+    filt.add_argument("--config", help="filter options YAML (FilterConfig fields, or a `filter:` section)")
+    filt.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a filter option, e.g. --set nms_ios=0.9 (repeatable)")
+    for flag, key, kind in _FILTER_FLAGS:
+        filt.add_argument(flag, dest=key, type=kind, help=f"same as --set {key}=VALUE")
+    filt.add_argument("--drop-border", action="store_true", help="reject masks touching the image border")
+    filt.add_argument("--fill-holes", action="store_true", help="fill holes inside masks before filtering")
+    filt.add_argument("--save", metavar="NAME", help="write the kept labels to RUN_DIR/filtered/NAME/")
+    filt.add_argument("--sweep", metavar="VALUES",
+                      help="report labels kept per min-confidence value: 'start:stop:step' or 'v1,v2,...'")
+    filt.add_argument("--sweep-column", default=None, help="score column to sweep (default: the confidence column)")
+    filt.add_argument("--json", action="store_true", help="machine-readable output")
+
     gens = sub.add_parser("generators", help="list the registered generators")
     gens.add_argument("--plugin", action="append", default=[])
     return parser
@@ -55,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        return {"run": _cmd_run, "status": _cmd_status, "generators": _cmd_generators}[args.command](args)
+        commands = {"run": _cmd_run, "status": _cmd_status, "filter": _cmd_filter, "generators": _cmd_generators}
+        return commands[args.command](args)
     except LabelgenError as exc:
         print(f"labelgen: error: {exc}", file=sys.stderr)
         return 2
@@ -116,6 +141,55 @@ def _cmd_status(args: argparse.Namespace) -> int:
     status = run_status(args.run_dir, verify=args.verify)
     print(json.dumps(status, indent=1) if args.json else format_status(status))
     return 0
+
+
+def _cmd_filter(args: argparse.Namespace) -> int:
+    from .filter_config import load_filter_config
+    from .filter_store import FilterSummary, filter_run, save_filtered, sweep
+    from .store import RunStore
+
+    overrides = list(args.overrides)
+    overrides += [f"{key}={getattr(args, key)}" for _, key, _ in _FILTER_FLAGS if getattr(args, key) is not None]
+    overrides += [f"{key}=true" for key in ("drop_border", "fill_holes") if getattr(args, key)]
+    config = load_filter_config(args.config, overrides)
+    store = RunStore(args.run_dir)
+    class_names = store.manifest().get("class_names")
+    if args.sweep:
+        column = args.sweep_column or config.confidence_column
+        results = sweep(store, config, column, _sweep_values(args.sweep), class_names)
+        if args.json:
+            print(json.dumps([{"value": v, "kept": k} for v, k in results]))
+        else:
+            print(f"{'min ' + column:>24}  kept")
+            print("\n".join(f"{value:>24.4g}  {kept}" for value, kept in results))
+        return 0
+    if args.save:
+        folder = save_filtered(store, config, args.save, class_names)
+        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+        print(json.dumps(summary, indent=1) if args.json else f"saved {folder}")
+        return 0
+    summary = FilterSummary()
+    for _, result in filter_run(store, config, class_names):
+        if result is not None:
+            summary.add(result, class_names)
+    print(json.dumps(summary.to_dict(), indent=1) if args.json else summary.table())
+    return 0
+
+
+def _sweep_values(text: str) -> list[float]:
+    from .errors import ConfigError
+
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            count = int(round((stop - start) / step)) + 1
+            return [round(start + i * step, 10) for i in range(count)]
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--sweep expects 'start:stop:step' (start <= stop, step > 0) or 'v1,v2,...';"
+                          f" got {text!r}") from None
 
 
 def _cmd_generators(args: argparse.Namespace) -> int:

@@ -94,3 +94,41 @@ def test_default_job_without_weights_stops_at_once_with_a_clear_message(tmp_path
     assert "labelgen: error:" in out.stderr and "ViT-B-16" in out.stderr and "pretrained" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _fake_run(tmp_path, image_dir, capsys):
+    out = tmp_path / "run"
+    args = ["run", str(REPO / "recipes/fake-smoke.yaml"), "--plugin", "labelgen.testing", "--images", str(image_dir),
+            "--out", str(out), "--no-progress"]
+    assert _run(args, capsys)[0] == 0
+    return out
+
+
+def test_filter_table_sweep_and_save(tmp_path, image_dir, capsys):
+    out = _fake_run(tmp_path, image_dir, capsys)
+    code, stdout, _ = _run(["filter", str(out), "--sweep", "0:1:0.5", "--json"], capsys)
+    sweep = json.loads(stdout)
+    assert code == 0 and [s["value"] for s in sweep] == [0.0, 0.5, 1.0]
+    assert sweep[0]["kept"] >= sweep[1]["kept"] >= sweep[2]["kept"]
+    code, stdout, _ = _run(["filter", str(out), "--min-confidence", "0.5", "--json"], capsys)
+    summary = json.loads(stdout)
+    assert code == 0 and summary["total"]["kept"] == sweep[1]["kept"]  # same count as the sweep at 0.5
+    code, stdout, _ = _run(["filter", str(out), "--min-confidence", "0.5", "--save", "half"], capsys)
+    assert code == 0 and (out / "filtered" / "half" / "summary.json").is_file()
+    kept = json.loads((out / "filtered" / "half" / "summary.json").read_text())
+    assert kept["total"]["kept"] == sweep[1]["kept"] and kept["images"] == 10
+    code, _, stderr = _run(["filter", str(out), "--save", "../escape"], capsys)
+    assert code == 2 and not (out / "escape").exists() and not (tmp_path / "escape").exists()
+
+
+def test_filter_cli_works_with_model_libraries_unimportable(tmp_path, image_dir, capsys):
+    out = _fake_run(tmp_path, image_dir, capsys)
+    script = ("import sys\n"
+              "for name in ('torch', 'torchvision', 'open_clip', 'segment_anything'):\n"
+              "    sys.modules[name] = None  # any import of them now raises ImportError\n"
+              "from labelgen.cli import main\n"
+              f"sys.exit(main(['filter', {str(out)!r}, '--nms-iou', '0.5', '--min-confidence', '0.3',"
+              " '--save', 'nomodel']))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (out / "filtered" / "nomodel" / "filter.yaml").is_file()
