@@ -156,3 +156,36 @@ def test_real_architectures_random_weights_through_the_cli(tmp_path, coco128_ima
     record = json.loads((out / "shards" / "000000.done.json").read_text())
     assert record["provenance"]["semantic"] == {"model": "ViT-B-16", "weights": "RANDOM"}
     assert record["provenance"]["boundary"]["model"] == "RN50x64" and record["provenance"]["sam"]["model_type"] == "vit_b"
+
+
+def test_clustering_then_discovery_on_a_synthetic_feature_grid_finds_the_known_objects():
+    """Stage 2 + 3 together: features with two objects -> K-means -> activated fragments -> exact boxes."""
+    import torch
+
+    from labelgen.zipmethod.config import DiscoveryConfig
+    from labelgen.zipmethod.kmeans import even_init_indices, kmeans
+
+    h, w, d = 24, 32, 8
+    rng = np.random.default_rng(0)
+    feats = np.zeros((h, w, d), np.float32)
+    feats[..., 0] = 10.0  # background
+    feats[3:9, 4:14, 1] = 10.0  # object A: rows 3..8, cols 4..13 (60 cells)
+    feats[3:9, 4:14, 0] = 0.0
+    feats[12:22, 18:28, 2] = 10.0  # object B: rows 12..21, cols 18..27 (100 cells)
+    feats[12:22, 18:28, 0] = 0.0
+    feats += rng.normal(0, 0.01, feats.shape).astype(np.float32)
+    vectors = torch.from_numpy(feats.reshape(-1, d))
+    labels, _, _ = kmeans(vectors, 20, 100, 1e-5, torch.from_numpy(even_init_indices(h * w, 20)))
+    labels = labels.reshape(h, w).numpy()
+    for rows, cols in ((slice(3, 9), slice(4, 14)), (slice(12, 22), slice(18, 28))):
+        assert not set(np.unique(labels[rows, cols])) & set(np.unique(labels[feats[..., 0] > 5]))  # own clusters
+    activated = np.zeros((h, w), bool)
+    activated[3:9, 4:12] = True  # the class map covers most of A ...
+    activated[12:20, 18:28] = True  # ... and of B, none of the background
+    from labelgen.zipmethod.discovery import discover_instances, grid_boxes_to_image
+
+    found = discover_instances(labels, activated, DiscoveryConfig(min_cells=50))
+    boxes = sorted(inst.box_xyxy_grid for inst in found)
+    assert boxes == [(4, 3, 14, 9), (18, 12, 28, 22)]  # whole objects, background fragments rejected
+    pixels = grid_boxes_to_image(np.array(boxes), h, w, image_height=480, image_width=960)
+    np.testing.assert_allclose(pixels, [[120, 60, 420, 180], [540, 240, 840, 440]])
