@@ -69,6 +69,44 @@ def build_parser() -> argparse.ArgumentParser:
     filt.add_argument("--sweep-column", default=None, help="score column to sweep (default: the confidence column)")
     filt.add_argument("--json", action="store_true", help="machine-readable output")
 
+    exp = sub.add_parser("export", help="export labels to COCO, YOLO or a FiftyOne dataset")
+    exp.add_argument("run_dir")
+    exp.add_argument("--format", required=True, choices=["coco", "yolo", "fiftyone"])
+    exp.add_argument("--out", help="target folder (coco, yolo)")
+    exp.add_argument("--dataset", help="FiftyOne dataset name (fiftyone)")
+    exp.add_argument("--images-root", help="folder that exported file names are relative to (default: the source's)")
+    exp.add_argument("--filtered", metavar="NAME", help="export RUN_DIR/filtered/NAME (from `labelgen filter --save`)")
+    exp.add_argument("--reviewed", metavar="NAME", help="export RUN_DIR/reviewed/NAME (from `labelgen pull`)")
+    exp.add_argument("--filter-config", help="apply filter options (YAML) while exporting, as `labelgen filter` does")
+    exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="filter option applied while exporting, e.g. --set min_confidence=0.5")
+    exp.add_argument("--mask-format", default="rle", choices=["rle", "polygon"], help="coco: segmentation format")
+    exp.add_argument("--polygon-tolerance", type=float, default=0.9, help="coco polygons: minimum IoU per object")
+    exp.add_argument("--task", default="segment", choices=["segment", "detect"], help="yolo: label type")
+    exp.add_argument("--multipart", default="largest", choices=["largest", "merge", "split"],
+                     help="yolo segment: what to do with masks of several parts")
+    exp.add_argument("--images", dest="yolo_images", default="symlink", choices=["symlink", "copy", "none"],
+                     help="yolo: how images are placed in the export")
+
+    rev = sub.add_parser("review", help="export to FiftyOne and open the App (localhost; URL printed)")
+    rev.add_argument("run_dir")
+    rev.add_argument("--dataset", help="FiftyOne dataset name (default: labelgen-RUN_ID)")
+    rev.add_argument("--filtered", metavar="NAME", help="review RUN_DIR/filtered/NAME instead of all labels")
+    rev.add_argument("--port", type=int, default=5151)
+    rev.add_argument("--address", default="127.0.0.1", help="bind address (default localhost only)")
+
+    pull = sub.add_parser("pull", help="read back the review (tags, edits, added labels) into RUN_DIR/reviewed/NAME")
+    pull.add_argument("run_dir")
+    pull.add_argument("--dataset", help="FiftyOne dataset name (default: labelgen-RUN_ID)")
+    pull.add_argument("--name", default="reviewed")
+
+    imp = sub.add_parser("import", help="import ground truth (COCO JSON or YOLO folder) as a run directory")
+    imp.add_argument("source", help="COCO JSON file or YOLO dataset folder")
+    imp.add_argument("--format", required=True, choices=["coco", "yolo"])
+    imp.add_argument("--out", required=True, help="run directory to create")
+    imp.add_argument("--images-root", help="coco: folder that file_name is relative to")
+    imp.add_argument("--split", help="yolo: split folder (e.g. train2017)")
+
     gens = sub.add_parser("generators", help="list the registered generators")
     gens.add_argument("--plugin", action="append", default=[])
     return parser
@@ -79,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        commands = {"run": _cmd_run, "status": _cmd_status, "filter": _cmd_filter, "generators": _cmd_generators}
+        commands = {"run": _cmd_run, "status": _cmd_status, "filter": _cmd_filter, "export": _cmd_export,
+                    "review": _cmd_review, "pull": _cmd_pull, "import": _cmd_import, "generators": _cmd_generators}
         return commands[args.command](args)
     except LabelgenError as exc:
         print(f"labelgen: error: {exc}", file=sys.stderr)
@@ -190,6 +229,81 @@ def _sweep_values(text: str) -> list[float]:
     except ValueError:
         raise ConfigError(f"--sweep expects 'start:stop:step' (start <= stop, step > 0) or 'v1,v2,...';"
                           f" got {text!r}") from None
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .exports.source import open_export_source
+    from .filter_config import load_filter_config
+
+    filter_config = None
+    if args.filter_config or args.overrides:
+        filter_config = load_filter_config(args.filter_config, args.overrides)
+    source = open_export_source(args.run_dir, filter_config=filter_config, filtered=args.filtered,
+                                reviewed=args.reviewed)
+    if args.format == "fiftyone":
+        from .exports.fiftyone_export import export_fiftyone
+
+        report = export_fiftyone(source, args.dataset or f"labelgen-{source.run_id}")
+    else:
+        if not args.out:
+            raise ConfigError(f"--format {args.format} needs --out FOLDER")
+        if args.format == "coco":
+            from .exports.coco import export_coco
+
+            report = export_coco(source, args.out, images_root=args.images_root, mask_format=args.mask_format,
+                                 polygon_tolerance=args.polygon_tolerance)
+        else:
+            from .exports.yolo import export_yolo
+
+            report = export_yolo(source, args.out, task=args.task, multipart=args.multipart,
+                                 images=args.yolo_images, images_root=args.images_root)
+    print(_report_text(report))
+    return 0
+
+
+def _report_text(report) -> str:
+    import dataclasses
+
+    data = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else report
+    return json.dumps(data, indent=1, default=str)
+
+
+def _cmd_review(args: argparse.Namespace) -> int:
+    from .review import launch_review
+    from .store import RunStore
+
+    name = args.dataset or f"labelgen-{RunStore(args.run_dir).manifest()['run_id']}"
+    review = launch_review(args.run_dir, name, port=args.port, address=args.address, filtered=args.filtered,
+                           wait=False)
+    print(f"FiftyOne App for dataset {name!r}: {review.url}")
+    if args.address in ("127.0.0.1", "localhost"):
+        print(f"remote machine? forward the port first: ssh -N -L {args.port}:127.0.0.1:{args.port} USER@HOST")
+    print("tag labels 'approved' / 'rejected', edit or add labels, then run: labelgen pull", args.run_dir)
+    review.session.wait()
+    return 0
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from .review import pull_review
+    from .store import RunStore
+
+    name = args.dataset or f"labelgen-{RunStore(args.run_dir).manifest()['run_id']}"
+    report = pull_review(args.run_dir, name, name=args.name)
+    print(_report_text(report))
+    print(f"export the reviewed labels with: labelgen export {args.run_dir} --reviewed {args.name} --format coco --out DIR")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from .importers import import_coco, import_yolo, write_imported_run
+
+    if args.format == "coco":
+        dataset = import_coco(args.source, images_root=args.images_root)
+    else:
+        dataset = import_yolo(args.source, split=args.split)
+    print(f"imported into {write_imported_run(dataset, args.out)}")
+    return 0
 
 
 def _cmd_generators(args: argparse.Namespace) -> int:

@@ -63,3 +63,7 @@ class WeightsNotFoundError(LabelgenError, FileNotFoundError):
 
 class GeneratorError(LabelgenError):
     """A generator cannot be built or used with the given config."""
+
+
+class ExportError(LabelgenError):
+    """An export or import cannot be done as asked (bad target, path outside the folder, bad input)."""

@@ -29,3 +29,19 @@ def coco128_images():
     if not folder.is_dir():
         pytest.skip(f"coco128-seg not found at {COCO128} (set LABELGEN_COCO128)")
     return folder
+
+
+@pytest.fixture(scope="session")
+def fiftyone_db(tmp_path_factory):
+    """FiftyOne on its real embedded MongoDB, in a private database folder for this test session.
+
+    Returns the imported ``fiftyone`` module. The environment is set before the first import
+    (FiftyOne reads its config then), so import fiftyone only through this fixture in tests.
+    """
+    folder = tmp_path_factory.mktemp("fiftyone-db")
+    os.environ.setdefault("FIFTYONE_DATABASE_DIR", str(folder))
+    os.environ["FIFTYONE_DATABASE_VALIDATION"] = "false"  # the wheel's mongod 6.0 is the oldest supported
+    os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
+    os.environ["FIFTYONE_DEFAULT_DATASET_DIR"] = str(folder / "datasets")
+    fo = pytest.importorskip("fiftyone")
+    return fo
