@@ -30,48 +30,10 @@ SWEEP_VALUES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 CLASSES = ("cat", "dog", "car", "tree", "cup")
 
 
-def synthetic_instances(rng: np.random.Generator, count: int, width: int, height: int):
-    """``count`` ellipse instances in a ``height`` x ``width`` frame, with scores and class ids."""
-    import numpy as np
-
-    from labelgen.instances import Instances
-
-    yy, xx = np.mgrid[:height, :width]
-    masks = np.zeros((count, height, width), dtype=bool)
-    cx = cy = rx = ry = 0.0
-    for i in range(count):
-        if i % 3 == 2:  # nested in the previous one: IoS high, IoU low
-            rx, ry = rx * 0.5, ry * 0.5
-        else:
-            cx, cy = rng.uniform(0, width), rng.uniform(0, height)
-            rx, ry = rng.uniform(2, width / 4), rng.uniform(2, height / 4)
-        masks[i] = ((xx - cx) / max(rx, 1)) ** 2 + ((yy - cy) / max(ry, 1)) ** 2 <= 1
-    components = rng.uniform(0.05, 1.0, size=(2, count)).astype(np.float32)
-    scores = {"clip_class_prob": components[0], "sam_predicted_iou": components[1],
-              "confidence": np.sqrt(components[0] * components[1])}
-    return Instances.from_masks(masks, scores=scores, class_ids=rng.integers(0, len(CLASSES), count))
-
-
 def build_run(root: Path, images: int, per_image: int, width: int, height: int, shard_size: int) -> None:
-    """Write a complete run directory shard by shard (memory stays flat)."""
-    import numpy as np
+    from labelgen.testing import write_synthetic_run
 
-    import labelgen.testing  # noqa: F401  registers the fake generator the recipe names
-    from labelgen.config import recipe_from_dict
-    from labelgen.instances import ImageRecord
-    from labelgen.store import RunStore
-
-    recipe = recipe_from_dict({"generator": {"name": "fake", "class_names": list(CLASSES)},
-                               "store": {"shard_size": shard_size}})
-    store = RunStore(root)
-    records = [ImageRecord(f"img{i:07d}.png", f"/synthetic/img{i:07d}.png", width, height) for i in range(images)]
-    store.initialize(recipe, {"kind": "synthetic", "images": images}, records)
-    rng = np.random.default_rng(0)
-    for shard in store.iter_plan():
-        rows = [{"image": r.to_dict(), "status": "ok",
-                 "instances": synthetic_instances(rng, per_image, width, height).to_dict()} for r in shard.images]
-        store.commit_shard(shard, rows, {"fingerprint": recipe.fingerprint(), "instances": per_image * len(rows)},
-                           level=recipe.store.compress_level)
+    write_synthetic_run(root, images, per_image, width, height, shard_size, CLASSES)
 
 
 CHILD = r"""

@@ -93,3 +93,44 @@ def band_masks(image_rgb: np.ndarray, bands: int) -> np.ndarray:
 def fake_recipe_dict(**generator: Any) -> dict[str, Any]:
     """A minimal recipe mapping using the fake generator (for tests)."""
     return {"generator": {"name": "fake", **generator}, "store": {"shard_size": 4}}
+
+
+def synthetic_instances(rng: np.random.Generator, count: int, width: int, height: int, num_classes: int) -> Instances:
+    """``count`` ellipse instances in a ``height`` x ``width`` frame, with two score components,
+    their geometric mean as ``confidence``, and class ids. Every third ellipse is nested in the
+    previous one (IoS high, IoU low), so NMS has work."""
+    yy, xx = np.mgrid[:height, :width]
+    masks = np.zeros((count, height, width), dtype=bool)
+    cx = cy = rx = ry = 0.0
+    for i in range(count):
+        if i % 3 == 2:
+            rx, ry = rx * 0.5, ry * 0.5
+        else:
+            cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+            rx, ry = rng.uniform(2, width / 4), rng.uniform(2, height / 4)
+        masks[i] = ((xx - cx) / max(rx, 1)) ** 2 + ((yy - cy) / max(ry, 1)) ** 2 <= 1
+    components = rng.uniform(0.05, 1.0, size=(2, count)).astype(np.float32)
+    scores = {"clip_class_prob": components[0], "sam_predicted_iou": components[1],
+              "confidence": np.sqrt(components[0] * components[1])}
+    return Instances.from_masks(masks, scores=scores, class_ids=rng.integers(0, num_classes, count))
+
+
+def write_synthetic_run(root: Any, images: int, per_image: int, width: int, height: int, shard_size: int,
+                        class_names: tuple[str, ...], seed: int = 0) -> None:
+    """A complete run directory of synthetic instances, written shard by shard (memory stays flat).
+    Image uris point to ``/synthetic/imgNNNNNNN.png``, which need not exist (benchmarks of exports)."""
+    from .config import recipe_from_dict
+    from .store import RunStore
+
+    recipe = recipe_from_dict({"generator": {"name": "fake", "class_names": list(class_names)},
+                               "store": {"shard_size": shard_size}})
+    store = RunStore(root)
+    records = [ImageRecord(f"img{i:07d}.png", f"/synthetic/img{i:07d}.png", width, height) for i in range(images)]
+    store.initialize(recipe, {"kind": "synthetic", "images": images}, records)
+    rng = np.random.default_rng(seed)
+    for shard in store.iter_plan():
+        rows = [{"image": r.to_dict(), "status": "ok",
+                 "instances": synthetic_instances(rng, per_image, width, height, len(class_names)).to_dict()}
+                for r in shard.images]
+        store.commit_shard(shard, rows, {"fingerprint": recipe.fingerprint(), "instances": per_image * len(rows)},
+                           level=recipe.store.compress_level)
