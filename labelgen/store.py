@@ -176,6 +176,32 @@ class RunStore:
         }
         write_json_atomic(self.run_json, manifest, "run manifest")
 
+    def initialize_import(self, spec: dict[str, Any], class_names: Sequence[str],
+                          records: Sequence[ImageRecord], shard_size: int) -> None:
+        """Like ``initialize``, for labels imported from a dataset (generator ``"import"``): no recipe;
+        the fingerprint covers the import ``spec`` (the run's ``source``), class names and shard size."""
+        if any(self.shards_dir.glob("*.done.json")):
+            raise RunStoreError(f"{self.root} has committed shards but no run.json; refusing to overwrite them")
+        identity = {"generator": {"name": "import"}, "source": spec, "class_names": list(class_names),
+                    "store": {"shard_size": shard_size, "compress_level": 6}}
+        fingerprint = hashlib.sha256(canonical_json(identity).encode()).hexdigest()
+        self._make_dirs()
+        config = {"description": f"labels imported from {spec.get('import', {}).get('format', 'a dataset')}",
+                  **identity}
+        write_bytes_atomic(self.config_yaml, yaml.safe_dump(config, sort_keys=False).encode(), "config")
+        self._write_plan(plan_shards(records, shard_size), fingerprint)
+        manifest = {
+            "format": RUN_FORMAT,
+            "run_id": f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}",
+            "created": utc_now(),
+            "fingerprint": fingerprint,
+            "generator": "import",
+            "class_names": list(class_names),
+            "source": spec,
+            "versions": library_versions(),
+        }
+        write_json_atomic(self.run_json, manifest, "run manifest")
+
     def check_same_run(self, recipe: Recipe, source_spec: dict[str, Any]) -> None:
         """Raise ``ConfigMismatchError`` with a readable diff if the run was made differently."""
         manifest = self.manifest()
