@@ -15,7 +15,8 @@ the exported source (the run, a filtered copy, ...) with the review applied:
 
 Edits: a changed ``label`` changes the class id (it must be one of the run's class names); a
 changed box becomes ``boxes_xyxy`` and the mask is clipped to it (mask ∩ box; when nothing of the
-mask is left inside, the filled box). A Detection added in the App (no ``labelgen_position``) becomes
+mask is left inside, the filled box). A Detection added in the App (no ``labelgen_position``, or a
+copy of an exported label: the second Detection with the same position) becomes
 an instance with its box, its mask placed in the box (or the filled box), every score column 1.0
 (``confidence`` 1.0) and ``review: "added"``. ``rejected`` beats ``approved``. Images that are not in
 the dataset (shards committed after the export) are copied unchanged.
@@ -39,9 +40,9 @@ from PIL import Image
 from .atomic import TMP_MARK, store_write_error, write_bytes_atomic, write_json_atomic, write_jsonl_gz_atomic
 from .config import from_mapping
 from .errors import ExportError
-from .exports.fiftyone_export import (FIELD, FiftyOneExportReport, SourceRow, box_pixels,
+from .exports.fiftyone_export import (FIELD, FiftyOneExportReport, SourceRow, box_pixels, detection_label,
                                       export_fiftyone, import_fiftyone, iter_source_rows)
-from .exports.source import AGNOSTIC_CLASS, ExportSource, open_export_source
+from .exports.source import ExportSource, open_export_source
 from .filter_config import FilterConfig
 from .filter_store import _compress_level, _remove_leftovers, _remove_tree, _swap_into_place
 from .instances import Instances
@@ -112,7 +113,8 @@ def pull_review(run_dir: str | Path, dataset_name: str, name: str = "reviewed") 
     ``open_export_source(run_dir, reviewed=NAME)``.
     """
     if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
-        raise ExportError(f"reviewed copy name must be a plain folder name (letters, digits, '.', '_', '-'); got {name!r}")
+        raise ExportError(f"reviewed copy name must be a plain folder name (letters, digits, '.', '_', '-');"
+                          f" got {name!r}")
     fo = import_fiftyone()
     store = RunStore(run_dir)
     run_id = store.manifest()["run_id"]
@@ -142,7 +144,7 @@ def pull_review(run_dir: str | Path, dataset_name: str, name: str = "reviewed") 
     except BaseException:
         _remove_tree(tmp)
         raise
-    return PullReport(name=name, path=str(final), dataset=dataset_name, run_id=run_id, shards=shards,
+    return PullReport(name=name, path=str(final.resolve()), dataset=dataset_name, run_id=run_id, shards=shards,
                       **{key: counts.get(key, 0) for key in _COUNT_KEYS})
 
 
@@ -224,7 +226,7 @@ class _Reviewer:
         kept, added, rejected, seen = [], [], [], set()
         for detection in detections:
             position = getattr(detection, "labelgen_position", None)
-            if position is None:
+            if position is None or position in seen:  # drawn in the App, or a copy of an exported label
                 if not (image_rejected or REJECTED_TAG in detection.tags):
                     added.append(self._added(detection, instances, image_id))
                 continue
@@ -245,10 +247,9 @@ class _Reviewer:
 
     def _kept(self, detection: Any, instances: Instances, position: int, image_id: str, approved: bool) -> _Kept:
         decision = _Kept(position, "approved" if approved else None)
-        class_id = self._class_id(detection.label, image_id)
         old_id = None if instances.class_ids is None else int(instances.class_ids[position])
-        if class_id != old_id:
-            decision.class_id, decision.status = class_id, "edited"
+        if detection.label != detection_label(old_id, self.class_names):
+            decision.class_id, decision.status = self._class_id(detection.label, image_id), "edited"
         box = _box_xyxy(detection, instances.width, instances.height)
         if np.abs(np.asarray(box) - instances.boxes_xyxy[position]).max() > _BOX_TOLERANCE_PX:
             decision.box_xyxy, decision.status = box, "edited"

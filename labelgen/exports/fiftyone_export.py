@@ -309,7 +309,7 @@ class _SampleBuilder:
         x1, y1, x2, y2 = (float(v) for v in instances.boxes_xyxy[i])
         width, height = instances.width, instances.height
         class_id = None if instances.class_ids is None else int(instances.class_ids[i])
-        detection = self.fo.Detection(label=self._label(class_id),
+        detection = self.fo.Detection(label=detection_label(class_id, self.class_names),
                                       bounding_box=[x1 / width, y1 / height, (x2 - x1) / width, (y2 - y1) / height])
         if "confidence" in instances.scores:
             detection.confidence = float(instances.scores["confidence"][i])
@@ -324,10 +324,12 @@ class _SampleBuilder:
         self.masks.attach(detection, instances, i, f"{row.item.shard:06d}/{row.item.index:08d}-{mask_key}.png")
         return detection
 
-    def _label(self, class_id: int | None) -> str:
-        if class_id is None:
-            return self.class_names[0]
-        return self.class_names[class_id] if 0 <= class_id < len(self.class_names) else str(class_id)
+
+def detection_label(class_id: int | None, class_names: Sequence[str]) -> str:
+    """A Detection's ``label``: the class name (the one name of class-agnostic runs), else the id."""
+    if class_id is None:
+        return class_names[0]
+    return class_names[class_id] if 0 <= class_id < len(class_names) else str(class_id)
 
 
 def _attribute_name(name: str) -> str:
@@ -342,7 +344,6 @@ def _attribute_value(value: Any) -> Any:
     if isinstance(value, (dict, list)):
         return json.dumps(value, sort_keys=True)
     return value
-
 
 
 # -- rows with their origin -------------------------------------------------------------------------
@@ -471,5 +472,5 @@ def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 
 __all__ = ["DUPLICATE_REASONS", "FAILED_TAG", "FIELD", "SUPPRESSED_FIELD", "FiftyOneExportReport", "MaskWriter",
-           "SourceRow", "box_pixels", "export_fiftyone", "import_fiftyone", "iter_source_rows",
+           "SourceRow", "box_pixels", "detection_label", "export_fiftyone", "import_fiftyone", "iter_source_rows",
            "save_views"]
