@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 CLASSES = ("cat", "dog", "car", "tree", "cup")

@@ -170,7 +170,7 @@ def save_filtered(
     run_id = store.manifest().get("run_id")
     parent = store.root / "filtered"
     final, tmp = parent / name, parent / f".{name}{TMP_MARK}{os.getpid()}"
-    _remove_leftovers(parent, name)
+    remove_leftovers(parent, name)
     try:
         tmp.mkdir(parents=True)
         yaml_text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
@@ -178,12 +178,12 @@ def save_filtered(
         counts = _write_shards(store, config, class_names, tmp)
         write_json_atomic(tmp / "summary.json", {"format": FILTERED_FORMAT, "name": name, "run_id": run_id, **counts},
                           "filter summary")
-        _swap_into_place(tmp, final)
+        swap_into_place(tmp, final)
     except OSError as exc:
-        _remove_tree(tmp)
+        remove_tree(tmp)
         raise store_write_error(exc, final, f"filtered copy {name!r}") from exc
     except BaseException:
-        _remove_tree(tmp)
+        remove_tree(tmp)
         raise
     return final
 
@@ -191,7 +191,7 @@ def save_filtered(
 def _write_shards(store: RunStore, config: FilterConfig, class_names: Sequence[str] | None, folder: Path) -> dict:
     """One filtered output per done shard; returns image counts and the summary."""
     summary, shards, failed = FilterSummary(), 0, 0
-    level = _compress_level(store)
+    level = compress_level(store)
     for shard in store.iter_plan():
         if store.done_record(shard) is None:
             continue
@@ -215,7 +215,7 @@ def _filtered_row(row: dict, result: FilterResult | None) -> dict:
     return {**row, "instances": result.kept.to_dict(), "rejected": rejected}
 
 
-def _compress_level(store: RunStore) -> int:
+def compress_level(store: RunStore) -> int:
     try:
         level = (store.stored_config() or {}).get("store", {}).get("compress_level", 6)
     except (OSError, yaml.YAMLError, AttributeError):
@@ -230,17 +230,17 @@ def _check_name(name: Any) -> None:
                           f" no path separators or '..'; at most 128 characters); got {name!r}")
 
 
-def _swap_into_place(tmp: Path, final: Path) -> None:
+def swap_into_place(tmp: Path, final: Path) -> None:
     """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first, then deleted."""
     old = final.with_name(f".{final.name}{_OLD_MARK}{os.getpid()}")
     if final.exists() or final.is_symlink():
         os.rename(final, old)
     os.rename(tmp, final)
     fsync_dir(final.parent)
-    _remove_tree(old)
+    remove_tree(old)
 
 
-def _remove_leftovers(parent: Path, name: str) -> None:
+def remove_leftovers(parent: Path, name: str) -> None:
     """Delete temp/old folders of this NAME left by writers that no longer run."""
     if not parent.is_dir():
         return
@@ -248,7 +248,7 @@ def _remove_leftovers(parent: Path, name: str) -> None:
         for path in parent.glob(f".{name}{mark}*"):
             pid = path.name.rsplit(mark, 1)[-1]
             if pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid))):
-                _remove_tree(path)
+                remove_tree(path)
 
 
 def _process_alive(pid: int) -> bool:
@@ -261,7 +261,7 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _remove_tree(path: Path) -> None:
+def remove_tree(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink(missing_ok=True)
     elif path.exists():

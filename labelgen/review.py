@@ -44,7 +44,7 @@ from .exports.fiftyone_export import (FIELD, FiftyOneExportReport, SourceRow, bo
                                       export_fiftyone, import_fiftyone, iter_source_rows)
 from .exports.source import ExportSource, open_export_source
 from .filter_config import FilterConfig
-from .filter_store import _compress_level, _remove_leftovers, _remove_tree, _swap_into_place
+from .filter_store import compress_level, remove_leftovers, remove_tree, swap_into_place
 from .instances import Instances
 from .masks import mask_to_rle, rles_to_masks
 from .store import RunStore
@@ -128,21 +128,21 @@ def pull_review(run_dir: str | Path, dataset_name: str, name: str = "reviewed") 
     base = _base_source(run_dir, spec)
     parent = store.root / "reviewed"
     final, tmp = parent / name, parent / f".{name}{TMP_MARK}{os.getpid()}"
-    _remove_leftovers(parent, name)
+    remove_leftovers(parent, name)
     try:
         tmp.mkdir(parents=True)
-        counts, shards = _write_shards(fo, dataset, base, tmp, _compress_level(store))
+        counts, shards = _write_shards(fo, dataset, base, tmp, compress_level(store))
         write_bytes_atomic(tmp / "review.yaml", yaml.safe_dump(
             {"dataset": dataset_name, "base": spec, "rules": RULES},
             sort_keys=False, allow_unicode=True).encode("utf-8"), "review rules")
         write_json_atomic(tmp / "summary.json", {"format": REVIEWED_FORMAT, "name": name, "run_id": run_id,
                                                  "dataset": dataset_name, "shards": shards, **counts}, "review summary")
-        _swap_into_place(tmp, final)
+        swap_into_place(tmp, final)
     except OSError as exc:
-        _remove_tree(tmp)
+        remove_tree(tmp)
         raise store_write_error(exc, final, f"reviewed copy {name!r}") from exc
     except BaseException:
-        _remove_tree(tmp)
+        remove_tree(tmp)
         raise
     return PullReport(name=name, path=str(final.resolve()), dataset=dataset_name, run_id=run_id, shards=shards,
                       **{key: counts.get(key, 0) for key in _COUNT_KEYS})

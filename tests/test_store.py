@@ -169,7 +169,7 @@ def test_write_failure_mid_run_keeps_committed_shards(tmp_path, image_dir, monke
 
     root = tmp_path / "run"
     recipe = make_recipe()
-    real_replace, calls = os.replace, {"n": 0}
+    real_replace = os.replace
 
     def failing_replace(src, dst):
         if str(dst).endswith("000002.jsonl.gz"):
