@@ -67,3 +67,20 @@ def test_fiftyone_export_and_pull_through_the_cli(gt_run, fiftyone_db, capsys):
     finally:
         if name in fo.list_datasets():
             fo.delete_dataset(name)
+
+
+def test_coco128_yolo_export_reloads_with_fiftyones_own_yolo_importer(gt_run, tmp_path, fiftyone_db):
+    fo = fiftyone_db
+    out = tmp_path / "yolo"
+    assert main(["export", str(gt_run), "--format", "yolo", "--out", str(out), "--multipart", "merge"]) == 0
+    dataset = fo.Dataset.from_dir(dataset_dir=str(out), dataset_type=fo.types.YOLOv5Dataset, split="train",
+                                  yaml_path="data.yaml", label_type="polylines", label_field="gt")
+    try:
+        assert len(dataset) == 128
+        assert dataset.count("gt.polylines") == 929
+        names = (COCO128 / "classes.txt").read_text().split("\n")
+        sample = dataset.match(fo.ViewField("filepath").ends_with("000000000009.jpg")).first()
+        source = (COCO128 / "labels" / "train2017" / "000000000009.txt").read_text().splitlines()
+        assert sorted(p.label for p in sample["gt"].polylines) == sorted(names[int(line.split()[0])] for line in source)
+    finally:
+        dataset.delete()
