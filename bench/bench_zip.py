@@ -7,7 +7,7 @@ SAM's image encoder and its batched box decoder; when random weights propose no 
 timed on 8 fixed boxes so that it is always measured.
 
 Rerun (about 15 minutes on 2 CPU cores):
-  .venv/bin/python benchmarks/bench_zip.py --recipes recipes/zip-paper.yaml recipes/zip-cpu.yaml --precisions fp32 bf16
+  .venv/bin/python bench/bench_zip.py --recipes recipes/zip-paper.yaml recipes/zip-cpu.yaml --precisions fp32 bf16
 GPU:  add --device cuda
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ For each dataset size it prints:
     process after every done record was deleted: all shards are processed again from the existing
     plan, which shows the memory of processing itself (flat in the dataset size).
 
-Rerun:  .venv/bin/python benchmarks/bench_store.py --sizes 1000 10000
+Rerun:  .venv/bin/python bench/bench_store.py --sizes 1000 10000
 """
 from __future__ import annotations
 

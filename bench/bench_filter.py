@@ -11,7 +11,7 @@ Operations: ``save_filtered`` with a realistic config (min_confidence, area boun
 max_instances); the same plus mask cleanup (fill_holes, min_component_area: decodes every mask);
 ``sweep`` of min_confidence over 9 values with the realistic config.
 
-Rerun:  .venv/bin/python benchmarks/bench_filter.py --images 10000 --per-image 10 --size 64 48
+Rerun:  .venv/bin/python bench/bench_filter.py --images 10000 --per-image 10 --size 64 48
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ A synthetic run of ``--images`` images with ``--per-image`` ellipse instances ea
 process, so each peak RSS (``VmHWM``) is that export's own. Run it at two sizes to see that memory
 does not grow with the dataset. FiftyOne uses a private database folder under the temp dir.
 
-Rerun:  .venv/bin/python benchmarks/bench_export.py --images 1000 10000 --per-image 10
+Rerun:  .venv/bin/python bench/bench_export.py --images 1000 10000 --per-image 10
 """
 from __future__ import annotations
 
