@@ -107,6 +107,29 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--images-root", help="coco: folder that file_name is relative to")
     imp.add_argument("--split", help="yolo: split folder (e.g. train2017)")
 
+    rep = sub.add_parser("report", help="write a self-contained HTML report (plots + contact sheet) of a run")
+    rep.add_argument("run_dir")
+    rep.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
+    rep.add_argument("--sample", type=int, default=12, help="images on the contact sheet (default 12)")
+    rep.add_argument("--seed", type=int, default=0, help="seed of the contact-sheet sample (default 0)")
+
+    ev = sub.add_parser("eval", help="COCO AP/AR of the run's labels against ground truth (no model loaded)")
+    ev.add_argument("run_dir")
+    ev.add_argument("--gt", required=True, help="ground truth: COCO JSON, YOLO dataset folder/yaml, or a run directory")
+    ev.add_argument("--gt-split", help="YOLO ground truth: split (e.g. train2017)")
+    ev.add_argument("--filtered", metavar="NAME", help="evaluate RUN_DIR/filtered/NAME")
+    ev.add_argument("--reviewed", metavar="NAME", help="evaluate RUN_DIR/reviewed/NAME")
+    ev.add_argument("--filter-config", help="filter options (YAML): evaluate before and after filtering")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="filter option, e.g. --set min_confidence=0.5: evaluate before and after filtering")
+    mode = ev.add_mutually_exclusive_group()
+    mode.add_argument("--class-agnostic", dest="class_agnostic", action="store_const", const=True, default=None,
+                      help="one category for everything (default: class-aware when class names overlap)")
+    mode.add_argument("--class-aware", dest="class_agnostic", action="store_const", const=False,
+                      help="match prediction classes to ground-truth categories by name")
+    ev.add_argument("--out", metavar="DIR", help="write eval.json and pr_segm.png / pr_bbox.png here")
+    ev.add_argument("--json", action="store_true", help="machine-readable output")
+
     gens = sub.add_parser("generators", help="list the registered generators")
     gens.add_argument("--plugin", action="append", default=[])
     return parser
@@ -118,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         commands = {"run": _cmd_run, "status": _cmd_status, "filter": _cmd_filter, "export": _cmd_export,
-                    "review": _cmd_review, "pull": _cmd_pull, "import": _cmd_import, "generators": _cmd_generators}
+                    "review": _cmd_review, "pull": _cmd_pull, "import": _cmd_import, "generators": _cmd_generators,
+                    "report": _cmd_report, "eval": _cmd_eval}
         return commands[args.command](args)
     except LabelgenError as exc:
         print(f"labelgen: error: {exc}", file=sys.stderr)
@@ -303,6 +327,44 @@ def _cmd_import(args: argparse.Namespace) -> int:
     else:
         dataset = import_yolo(args.source, split=args.split)
     print(f"imported into {write_imported_run(dataset, args.out)}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    print(build_report(args.run_dir, args.out, sample_images=args.sample, seed=args.seed))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .atomic import write_json_atomic
+    from .errors import ConfigError
+    from .evaluation import evaluate, evaluate_before_after, load_ground_truth, plot_pr_curves
+    from .exports.paths import safe_join
+    from .exports.source import open_export_source
+    from .filter_config import load_filter_config
+
+    gt = load_ground_truth(args.gt, split=args.gt_split)
+    if args.filter_config or args.overrides:
+        if args.filtered or args.reviewed:
+            raise ConfigError("choose one of --filtered NAME, --reviewed NAME, or filter options")
+        config = load_filter_config(args.filter_config, args.overrides)
+        results = evaluate_before_after(args.run_dir, gt, config, class_agnostic=args.class_agnostic)
+        payload = {name: result.to_dict() for name, result in results.items()}
+        text = "\n\n".join(f"{name} filtering\n{result.table()}" for name, result in results.items())
+    else:
+        source = open_export_source(args.run_dir, filtered=args.filtered, reviewed=args.reviewed)
+        results = {"": evaluate(source, gt, class_agnostic=args.class_agnostic)}
+        payload, text = results[""].to_dict(), results[""].table()
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(safe_join(out, "eval.json"), payload, "evaluation")
+        for iou_type in results[next(iter(results))].iou_types:
+            plot_pr_curves(results, safe_join(out, f"pr_{iou_type}.png"), iou_type)
+        print(f"wrote {safe_join(out, 'eval.json')} and pr_*.png", file=sys.stderr)
+    print(json.dumps(payload, indent=1) if args.json else text)
     return 0
 
 

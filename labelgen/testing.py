@@ -120,7 +120,7 @@ def write_synthetic_run(root: Any, images: int, per_image: int, width: int, heig
     """A complete run directory of synthetic instances, written shard by shard (memory stays flat).
     Image uris point to ``/synthetic/imgNNNNNNN.png``, which need not exist (benchmarks of exports)."""
     from .config import recipe_from_dict
-    from .store import RunStore
+    from .store import RunStore, utc_now
 
     recipe = recipe_from_dict({"generator": {"name": "fake", "class_names": list(class_names)},
                                "store": {"shard_size": shard_size}})
@@ -132,5 +132,8 @@ def write_synthetic_run(root: Any, images: int, per_image: int, width: int, heig
         rows = [{"image": r.to_dict(), "status": "ok",
                  "instances": synthetic_instances(rng, per_image, width, height, len(class_names)).to_dict()}
                 for r in shard.images]
-        store.commit_shard(shard, rows, {"fingerprint": recipe.fingerprint(), "instances": per_image * len(rows)},
-                           level=recipe.store.compress_level)
+        now = utc_now()
+        summary = {"fingerprint": recipe.fingerprint(), "images": len(rows), "ok": len(rows), "failed": 0,
+                   "instances": per_image * len(rows), "failures": [], "failure_reasons": {},
+                   "started": now, "finished": now, "seconds": 0.0, "provenance": {"generator": "synthetic"}}
+        store.commit_shard(shard, rows, summary, level=recipe.store.compress_level)
