@@ -19,7 +19,7 @@ class-aware when the run's class names overlap the ground truth's; ``EvalResult.
 compressed RLE (area = mask pixels), ``bbox`` the ``boxes_xyxy`` as XYWH (area = box area). Score:
 the ``confidence`` column, 1.0 without one.
 
-**Metrics** from ``COCOeval.stats`` (``None`` where COCO gives -1: no ground truth in range):
+**Metrics** from ``COCOeval.stats``, rounded to 12 decimals (``None`` where COCO gives -1: no ground truth):
 0 AP (IoU .50:.95), 1 AP50, 2 AP75, 3..5 AP_small/medium/large (at max_dets[2]), 6..8 AR@max_dets[0..2],
 9..11 AR_small/medium/large. Per-class AP and the precision-recall curves (IoU .50 and .75, area all,
 max_dets[2], mean over categories with ground truth) come from ``eval["precision"]`` ``[T, R, K, A, M]``.
@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -48,8 +47,6 @@ from .exports.source import ExportSource, open_export_source
 from .filter_config import FilterConfig
 from .importers import image_size, import_yolo
 from .instances import ImageRecord, Instances
-
-log = logging.getLogger(__name__)
 
 IOU_TYPES = ("segm", "bbox")
 UNMATCHED_LISTED = 20  # prediction images not in the ground truth listed by name (all are counted)
@@ -218,7 +215,10 @@ def evaluate(source: ExportSource, gt: str | os.PathLike[str] | GroundTruth, *,
     coco_gt = _coco_ground_truth(truth, category_of if class_aware else None, categories)
     result = EvalResult(class_aware, iou_types, max_dets, categories, {}, {}, {}, *predictions.counts(truth),
                         dict(sorted(predictions.unknown.items())),
-                        predictions.unmatched[:UNMATCHED_LISTED], truth.description, _describe(source))
+                        predictions.unmatched[:UNMATCHED_LISTED], truth.description,
+                        {"run_dir": str(source.store.root), "run_id": source.run_id, "filtered_on_the_fly":
+                         source.filter_config is not None, "copy": source.copy_kind and
+                         f"{source.copy_kind}/{source.copy_name}"})
     for iou_type in iou_types:
         run = _run_cocoeval(coco_gt, predictions.results(iou_type), iou_type, max_dets)
         result.metrics[iou_type] = _stats(run.stats, max_dets)
@@ -309,7 +309,8 @@ def _collect_predictions(source: ExportSource, truth: GroundTruth, category_of: 
         found.matched.add(image_id)
         scores = item.instances.scores.get("confidence")
         for i, (rle, bbox, _, class_id) in enumerate(_instance_rows(item.instances)):
-            name = names[class_id] if names is not None and class_id is not None else "<no class>"
+            known = names is not None and class_id is not None and class_id < len(names)
+            name = names[class_id] if known else f"<class id {class_id}>"
             category = 1 if category_of is None else category_of.get(name)
             if category is None:
                 found.unknown[name] += 1
@@ -367,12 +368,12 @@ def _instance_rows(instances: Instances) -> list[tuple[dict, list[float], float,
              None if ids is None else int(ids[i])) for i, rle in enumerate(instances.masks_rle)]
 
 
-def _bytes_rle(rle: Mapping[str, Any]) -> dict:
+def _bytes_rle(rle: Mapping[str, Any]) -> dict:  # what pycocotools' C functions read
     counts = rle["counts"]
     return {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
 
-def _str_rle(rle: Mapping[str, Any]) -> dict:
+def _str_rle(rle: Mapping[str, Any]) -> dict:  # what JSON and labelgen hold
     counts = rle["counts"]
     return {"size": [int(v) for v in rle["size"]], "counts": counts.decode("ascii") if isinstance(counts, bytes)
             else counts}
@@ -407,25 +408,25 @@ def _run_cocoeval(coco_gt: COCO, results: list[dict], iou_type: str, max_dets: t
     return run
 
 
-@contextlib.contextmanager
-def _quiet():
-    """pycocotools prints progress; library code never prints, so it goes to the debug log."""
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        yield
-    if buffer.getvalue().strip():
-        log.debug("pycocotools: %s", buffer.getvalue().strip())
+def _quiet() -> contextlib.AbstractContextManager:
+    """pycocotools prints its progress; library code never prints."""
+    return contextlib.redirect_stdout(io.StringIO())
 
 
 def _stats(stats: np.ndarray, max_dets: tuple[int, ...]) -> dict[str, float | None]:
     names = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", *(f"AR@{m}" for m in max_dets),
              "AR_small", "AR_medium", "AR_large"]
-    return {name: None if value < 0 else float(value) for name, value in zip(names, stats)}
+    return {name: None if value < 0 else _clean(value) for name, value in zip(names, stats)}
+
+
+def _clean(value: float) -> float:
+    """Rounded to 12 decimals: COCOeval divides by tp + fp + eps, so a perfect 1.0 would read 0.9999999999999998."""
+    return round(float(value), 12)
 
 
 def _mean_valid(values: np.ndarray) -> float | None:
     valid = values[values > -1]
-    return float(valid.mean()) if valid.size else None
+    return _clean(valid.mean()) if valid.size else None
 
 
 def _pr_curves(precision: np.ndarray, params: Any) -> dict[str, list[float] | None]:
@@ -435,14 +436,8 @@ def _pr_curves(precision: np.ndarray, params: Any) -> dict[str, list[float] | No
         t = int(np.argmin(np.abs(params.iouThrs - iou)))
         per_class = precision[t, :, :, 0, -1]  # [R, K]
         valid = per_class[:, (per_class > -1).all(axis=0)]
-        curves[label] = valid.mean(axis=1).tolist() if valid.shape[1] else None
+        curves[label] = [_clean(v) for v in valid.mean(axis=1)] if valid.shape[1] else None
     return curves
-
-
-def _describe(source: ExportSource) -> dict:
-    return {"run_dir": str(source.store.root), "run_id": source.run_id,
-            "copy": f"{source.copy_kind}/{source.copy_name}" if source.copy_kind else None,
-            "filtered_on_the_fly": source.filter_config is not None}
 
 
 # -- plots ----------------------------------------------------------------------------------------

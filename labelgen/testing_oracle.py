@@ -34,7 +34,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -62,6 +62,7 @@ class OracleConfig:
     grid_stride: int = 4  # oracle feature cell side in image pixels (>= 1); 4 on 640x480 = 160x120 cells
     part_size: int = 8  # instances split into a checkerboard of part_size-cell parts (0 = one part)
     map_size: int = 128  # side g of the oracle class maps (g x g over the whole image, >= 1)
+    map_coverage: Literal["visible", "polygon"] = "visible"  # class maps cover visible pixels / full masks
     max_iterations: int = 100  # k-means (labelgen.zipmethod.kmeans), as BoundaryConfig
     tolerance: float = 1e-5
     class_agnostic: bool = False  # True: instances carry no class ids
@@ -82,15 +83,29 @@ class OracleConfig:
 class OracleImage:
     """Ground truth of the image being generated: N instances in its (H, W) pixel frame."""
 
-    masks: np.ndarray  # (N, H, W) bool
+    masks: np.ndarray  # (N, H, W) bool, the full ground-truth masks (they may overlap)
     class_ids: np.ndarray  # (N,) int64
     boxes_xyxy: np.ndarray  # (N, 4) float64 tight boxes, absolute pixels, x2/y2 exclusive
+    owner: np.ndarray  # (H, W) int32: 0 = background, i + 1 = instance i visible there (painter's order)
 
     @classmethod
     def from_instances(cls, instances: Instances) -> "OracleImage":
-        masks = instances.masks() if len(instances) else np.zeros((0, instances.height, instances.width), bool)
+        height, width = instances.height, instances.width
+        masks = instances.masks() if len(instances) else np.zeros((0, height, width), bool)
         class_ids = np.zeros(len(instances), np.int64) if instances.class_ids is None else instances.class_ids
-        return cls(masks, np.asarray(class_ids, np.int64), np.asarray(instances.boxes_xyxy, np.float64))
+        return cls(masks, np.asarray(class_ids, np.int64), np.asarray(instances.boxes_xyxy, np.float64),
+                   paint_owners(masks))
+
+
+def paint_owners(masks: np.ndarray) -> np.ndarray:
+    """(H, W) int32 owner image of (N, H, W) masks: the largest is painted first, so where masks
+    overlap the smaller one (the object in front, or inside: a person in a bus, food in a bowl) owns
+    the pixel. 0 = background."""
+    owner = np.zeros(masks.shape[1:], np.int32)
+    areas = masks.reshape(len(masks), owner.size).sum(axis=1)
+    for index in np.argsort(-areas, kind="stable"):
+        owner[masks[index]] = index + 1
+    return owner
 
 
 class _Binding:
@@ -106,10 +121,14 @@ class _Binding:
 
 # -- stage 1 -----------------------------------------------------------------------------------------
 class OracleSemantic:
-    """``stage(image_rgb) -> SemanticResult`` from the bound ground truth (module docstring)."""
+    """``stage(image_rgb) -> SemanticResult`` from the bound ground truth (module docstring).
 
-    def __init__(self, num_classes: int, map_size: int, binding: _Binding):
-        self.num_classes, self.map_size, self.binding = num_classes, map_size, binding
+    ``coverage``: ``visible`` maps cover the pixels each class owns (:func:`paint_owners`);
+    ``polygon`` maps cover the classes' full masks, including what lies in front of or inside them.
+    """
+
+    def __init__(self, num_classes: int, map_size: int, coverage: str, binding: _Binding):
+        self.num_classes, self.map_size, self.coverage, self.binding = num_classes, map_size, coverage, binding
 
     def __call__(self, image_rgb: np.ndarray):
         from .zipmethod.semantic import SemanticResult, gate_classes
@@ -120,9 +139,15 @@ class OracleSemantic:
         probs = np.zeros(self.num_classes, np.float32)
         for class_id in present:
             probs[class_id] = 1.0 / len(present)
-            maps[class_id] = coverage_map(truth.masks[truth.class_ids == class_id].any(axis=0), self.map_size)
+            maps[class_id] = coverage_map(self._class_mask(truth, class_id), self.map_size)
         kept = gate_classes(probs, 0.5 / max(len(present), 1), 0)  # exactly the present classes
         return SemanticResult(class_probs=probs, maps=maps, kept=kept)
+
+    def _class_mask(self, truth: OracleImage, class_id: int) -> np.ndarray:
+        members = truth.class_ids == class_id
+        if self.coverage == "polygon":
+            return truth.masks[members].any(axis=0)
+        return np.isin(truth.owner, np.flatnonzero(members) + 1)
 
 
 def coverage_map(mask: np.ndarray, size: int) -> np.ndarray:
@@ -162,21 +187,16 @@ class OracleBoundary:
 
 
 def owner_grid(truth: OracleImage, grid_stride: int) -> np.ndarray:
-    """(gh, gw) int64: 0 = background, i + 1 = ground-truth instance i, under each cell's centre.
+    """(gh, gw) int64: the owner (:func:`paint_owners`) of each cell's centre pixel.
 
     gh = max(1, round(H / stride)) cells of H / gh pixels each tile the image exactly, as the
     generator's box scaling assumes; the centre pixel of cell i is ``floor((i + 0.5) * H / gh)``,
-    the rule stage 3 samples class maps with. Larger instances are painted first.
+    the rule stage 3 samples class maps with.
     """
-    _, height, width = truth.masks.shape
+    height, width = truth.owner.shape
     rows = _centre_pixels(max(1, round(height / grid_stride)), height)
     cols = _centre_pixels(max(1, round(width / grid_stride)), width)
-    owner = np.zeros((rows.size, cols.size), np.int64)
-    sampled = truth.masks[:, rows][:, :, cols]  # (N, gh, gw)
-    areas = truth.masks.reshape(len(truth.masks), height * width).sum(axis=1)
-    for index in np.argsort(-areas, kind="stable"):
-        owner[sampled[index]] = index + 1
-    return owner
+    return truth.owner[rows][:, cols].astype(np.int64)
 
 
 def _centre_pixels(cells: int, pixels: int) -> np.ndarray:
@@ -185,14 +205,19 @@ def _centre_pixels(cells: int, pixels: int) -> np.ndarray:
 
 
 def edge_cells(owner: np.ndarray) -> np.ndarray:
-    """(gh, gw) bool: instance cells with a 4-neighbour of another owner (the image border is not one)."""
+    """(gh, gw) bool: instance cells with an 8-neighbour of another owner (the image border is not one).
+
+    The 8-neighbourhood makes each instance's edge a 4-connected ring, so its interior touches no
+    other region: with 4-neighbours a diagonal border would leave single, compact edge cells that
+    stage 3 keeps and that bridge touching instances of one class.
+    """
+    padded = np.pad(owner, 1, mode="edge")
+    height, width = owner.shape
     edges = np.zeros(owner.shape, bool)
-    vertical = owner[1:] != owner[:-1]
-    horizontal = owner[:, 1:] != owner[:, :-1]
-    edges[1:] |= vertical
-    edges[:-1] |= vertical
-    edges[:, 1:] |= horizontal
-    edges[:, :-1] |= horizontal
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                edges |= padded[1 + dy:1 + dy + height, 1 + dx:1 + dx + width] != owner
     return edges & (owner > 0)
 
 
@@ -292,7 +317,7 @@ class ZipOracleGenerator(ZipGenerator):
         names = self.truth.class_names
         super().__init__(
             _zip_config(config, names),
-            OracleSemantic(len(names), config.map_size, self._binding),
+            OracleSemantic(len(names), config.map_size, config.map_coverage, self._binding),
             OracleBoundary(config.grid_stride, config.part_size, config.max_iterations, config.tolerance, self._binding),
             OracleRefiner(self._binding),
             {"generator": self.name, "test_only": True, "oracle": "ground truth for CLIP and SAM",
