@@ -2,30 +2,35 @@
 
 ``ZipOracleGenerator`` ("zip-oracle") registers only when this module is imported (the tests, or
 ``labelgen run --plugin labelgen.testing_oracle``). It is the real :class:`ZipGenerator` with its
-three model stages replaced by oracles read from a YOLO-seg ground truth (e.g. coco128-seg):
+three model stages replaced by oracles read from a YOLO-seg ground truth (e.g. coco128-seg, found by
+the image's file name). Ground-truth masks may overlap (COCO draws a bowl around its food), so the
+oracles share an *owner image*: instances painted largest first, so the smaller one owns the pixels
+where two overlap (:func:`paint_owners`).
 
-* **semantic oracle** (stage 1): ``class_probs`` = 1/K over the K classes present in the image's
-  ground truth, 0 elsewhere, so the real gate (``gate_classes``) keeps exactly the present classes;
-  ``maps`` (C, g, g) = per map cell, the fraction covered by that class's ground-truth masks (box
-  average of the union mask, g = ``map_size``), 0 for absent classes.
-* **boundary oracle** (stage 2): a feature grid with cells of ``grid_stride`` image pixels. Each cell
-  is owned by the ground-truth instance under its centre (painted largest first, so a smaller object
-  lying on a larger one stays visible), or by the background. Owned cells with a 4-neighbour of
-  another owner are *edge* cells. The feature of a cell is the one-hot of its owner plus, for edge
-  cells, an edge channel of weight ``EDGE_WEIGHT``. The real :func:`~labelgen.zipmethod.kmeans.kmeans`
-  clusters it with k = owners with an interior cell + 1 edge cluster. The even seeds would put two
-  seeds in one large region and none in small ones, and Lloyd's algorithm cannot recover from that on
-  one-hot features (equal distances tie to the lowest id). So **the oracle chooses the seeds**: the
-  first cell, in raster order, of each region. The oracle then checks that k-means returned exactly
-  that partition.
-* **SAM oracle** (stage 4): each prompt box gets the ground-truth mask (any class) whose tight box
-  has the highest IoU with it, with predicted IoU 1 and stability 1. A box that overlaps no
-  ground-truth box gets an empty mask (the generator drops it).
+* **Semantic oracle** (stage 1). ``class_probs`` is 1/K over the K classes present in the image and 0
+  elsewhere, so the real gate (``gate_classes``) keeps exactly the present classes. ``maps`` (C, g, g),
+  with g = ``map_size``, hold for each present class the fraction of each map cell that the class
+  owns (``map_coverage: visible``) or that its full masks cover (``polygon``); absent classes get 0.
+* **Boundary oracle** (stage 2). A grid of cells of about ``grid_stride`` image pixels; each cell
+  takes the owner of its centre pixel. Instance cells with an 8-neighbour of another owner are
+  *edge* cells: a 4-connected ring, one cell thick, like the boundary cluster of CLIP's layer3.
+  An instance's interior is cut into a checkerboard of ``part_size``-cell parts (two clusters per
+  instance), because stage 3 keeps only fragments that fill a third of their box: Zip assumes that
+  k-means splits objects into compact parts, and a one-fragment airplane or giraffe would fail that
+  test. The features are the owner one-hot, the part colour, and an edge channel. The real
+  :func:`~labelgen.zipmethod.kmeans.kmeans` clusters them with k = number of regions. **The oracle
+  chooses the seeds** (the first cell of each region): the even seeds put several seeds in one
+  large region and none in small ones, and Lloyd's algorithm cannot recover from that on one-hot
+  features. The oracle then checks that k-means returned exactly the designed partition.
+* **SAM oracle** (stage 4). Each prompt box gets the ground-truth mask (any class) whose tight box
+  has the highest IoU with it. Its predicted IoU is that box IoU (``predicted_iou: box_iou``, how
+  well the prompt frames the object) or 1 (``one``); its stability is 1. A box that overlaps no
+  ground-truth box gets an empty mask, which the generator drops.
 
 What stays real: the class gate, the activation mask, fragment selection and instance discovery
-(stage 3, ``labelgen.zipmethod.discovery``), k-means, the grid-to-image box scaling, the confidence,
-empty-mask dropping, mask NMS, and everything after the generator (store, filter, export).
-See ``docs/oracle-check.md`` for the measured AP.
+(``labelgen.zipmethod.discovery``), k-means, the grid-to-image box scaling, the confidence, dropping
+empty masks, mask NMS, and everything after the generator (store, filter, export, eval).
+See ``docs/oracle-check.md`` for the measured AP and for what each oracle choice changes.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from .errors import GeneratorError, LabelgenError, ValidationError
+from .errors import ConfigError, GeneratorError, LabelgenError, ValidationError
 from .generators import GENERATORS
 from .generators.zip import ZipGenerator
 from .importers import ImportedDataset, import_yolo
@@ -50,7 +55,7 @@ from .zipmethod.refine import RefineResult
 
 log = logging.getLogger(__name__)
 
-EDGE_WEIGHT = 4.0  # edge channel weight; > sqrt(2) puts every edge cell in the edge cluster (module doc)
+EDGE_WEIGHT = 4.0  # edge channel weight; > 1 puts every edge cell in the edge cluster (oracle_features)
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class OracleConfig:
     map_coverage: Literal["visible", "polygon"] = "visible"  # class maps cover visible pixels / full masks
     max_iterations: int = 100  # k-means (labelgen.zipmethod.kmeans), as BoundaryConfig
     tolerance: float = 1e-5
+    predicted_iou: Literal["box_iou", "one"] = "box_iou"  # SAM oracle's IoU head: prompt/GT box IoU, or 1
     class_agnostic: bool = False  # True: instances carry no class ids
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)  # stage 3, real
     sam: SamConfig = field(default_factory=SamConfig)  # only nms_iou / nms_ios are used
@@ -72,11 +78,11 @@ class OracleConfig:
     def __post_init__(self) -> None:
         for name in ("grid_stride", "map_size", "max_iterations"):
             if getattr(self, name) < 1:
-                raise ValidationError(f"zip-oracle.{name} must be >= 1; got {getattr(self, name)}")
+                raise ConfigError(f"generator.{name} must be >= 1; got {getattr(self, name)}")
         if self.part_size < 0:
-            raise ValidationError(f"zip-oracle.part_size must be >= 0 (0 = one part); got {self.part_size}")
+            raise ConfigError(f"generator.part_size must be >= 0 (0 = one part); got {self.part_size}")
         if not self.gt_root:
-            raise ValidationError("zip-oracle.gt_root must name a YOLO-seg dataset root; got ''")
+            raise ConfigError("generator.gt_root must name a YOLO-seg dataset root; got ''")
 
 
 @dataclass(frozen=True)
@@ -239,19 +245,22 @@ def oracle_features(owner: np.ndarray, part_size: int = 0) -> tuple[np.ndarray, 
     ``EDGE_WEIGHT`` in the last column for edge cells; ``seeds`` (k,) int64 raster indices (the first
     cell of each region); ``expected`` (gh, gw) int32 cluster ids in region order (background, then
     instances by index and colour, then edges).
+
+    Why Lloyd's algorithm returns ``expected`` from these seeds: every non-edge cell equals its
+    region's seed, so its distance there is 0. An edge cell is ``e_owner + w * e_edge``; its distance
+    to the edge centroid (``w * e_edge`` + a mix of owner one-hots) is at most sqrt(2), and to any
+    other centroid at least sqrt(w**2 + 1) > sqrt(2) when ``w = EDGE_WEIGHT > 1``.
     """
     edges = edge_cells(owner)
+    interior = (owner > 0) & ~edges
     owners, column = np.unique(owner, return_inverse=True)
     column = column.reshape(owner.shape)
-    colour = np.where(owner > 0, part_colours(owner.shape, part_size), 0)
+    colour = np.where(interior, part_colours(owner.shape, part_size), 0)
     cells = np.arange(owner.size)
     features = np.zeros((owner.size, owners.size + 3), np.float32)
-    features[cells, column.ravel()] = 1.0
-    instance = (owner > 0).ravel()
-    features[cells[instance], owners.size + colour.ravel()[instance]] = 1.0
-    features[edges.ravel()] = 0.0
-    features[cells[edges.ravel()], column.ravel()[edges.ravel()]] = 1.0  # edge cells: owner + edge channel
-    features[edges.ravel(), -1] = EDGE_WEIGHT
+    features[cells, column.ravel()] = 1.0  # owner one-hot
+    features[cells[interior.ravel()], owners.size + colour.ravel()[interior.ravel()]] = 1.0  # part colour
+    features[edges.ravel(), -1] = EDGE_WEIGHT  # edge channel
     region = np.where(edges, 2 * owners.size, 2 * column + colour)
     values, first = np.unique(region.ravel(), return_index=True)
     expected = np.searchsorted(values, region).astype(np.int32)
@@ -262,8 +271,8 @@ def oracle_features(owner: np.ndarray, part_size: int = 0) -> tuple[np.ndarray, 
 class OracleRefiner:
     """``refine(image_rgb, boxes_xyxy) -> RefineResult``: the best-matching ground-truth masks."""
 
-    def __init__(self, binding: _Binding):
-        self.binding = binding
+    def __init__(self, predicted_iou: str, binding: _Binding):
+        self.predicted_iou, self.binding = predicted_iou, binding
 
     def refine(self, image_rgb: np.ndarray, boxes_xyxy: np.ndarray) -> RefineResult:
         truth = self.binding.require()
@@ -278,7 +287,8 @@ class OracleRefiner:
         hit = iou[np.arange(len(boxes)), best] > 0
         masks = np.zeros((len(boxes), height, width), bool)
         masks[hit] = truth.masks[best[hit]]
-        return RefineResult(masks=masks, predicted_iou=hit.astype(np.float32),
+        score = iou[np.arange(len(boxes)), best] if self.predicted_iou == "box_iou" else hit
+        return RefineResult(masks=masks, predicted_iou=np.where(hit, score, 0).astype(np.float32),
                             stability_score=hit.astype(np.float32), mask_choice=np.zeros(len(boxes), np.int64))
 
 
@@ -319,7 +329,7 @@ class ZipOracleGenerator(ZipGenerator):
             _zip_config(config, names),
             OracleSemantic(len(names), config.map_size, config.map_coverage, self._binding),
             OracleBoundary(config.grid_stride, config.part_size, config.max_iterations, config.tolerance, self._binding),
-            OracleRefiner(self._binding),
+            OracleRefiner(config.predicted_iou, self._binding),
             {"generator": self.name, "test_only": True, "oracle": "ground truth for CLIP and SAM",
              "gt_root": os.path.abspath(config.gt_root), "split": config.split},
         )
