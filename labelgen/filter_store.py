@@ -14,6 +14,7 @@ Nothing here loads a model. Every function streams the run shard by shard
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -169,23 +170,34 @@ def save_filtered(
     _check_name(name)
     run_id = store.manifest().get("run_id")
     parent = store.root / "filtered"
-    final, tmp = parent / name, parent / f".{name}{TMP_MARK}{os.getpid()}"
-    remove_leftovers(parent, name)
-    try:
-        tmp.mkdir(parents=True)
+    with staged_folder(parent, name, f"filtered copy {name!r}") as tmp:
         yaml_text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
         write_bytes_atomic(tmp / "filter.yaml", yaml_text.encode("utf-8"), "filter options")
         counts = _write_shards(store, config, class_names, tmp)
         write_json_atomic(tmp / "summary.json", {"format": FILTERED_FORMAT, "name": name, "run_id": run_id, **counts},
                           "filter summary")
+    return parent / name
+
+
+@contextlib.contextmanager
+def staged_folder(parent: Path, name: str, what: str) -> Iterator[Path]:
+    """Build ``parent/NAME`` in a hidden temporary folder and swap it into place on success.
+
+    On any error the temporary folder is removed and an existing ``NAME`` is left as it was;
+    OS errors become ``StoreWriteError``.
+    """
+    final, tmp = parent / name, parent / f".{name}{TMP_MARK}{os.getpid()}"
+    remove_leftovers(parent, name)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
         swap_into_place(tmp, final)
     except OSError as exc:
         remove_tree(tmp)
-        raise store_write_error(exc, final, f"filtered copy {name!r}") from exc
+        raise store_write_error(exc, final, what) from exc
     except BaseException:
         remove_tree(tmp)
         raise
-    return final
 
 
 def _write_shards(store: RunStore, config: FilterConfig, class_names: Sequence[str] | None, folder: Path) -> dict:

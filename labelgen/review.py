@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -37,14 +36,14 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from .atomic import TMP_MARK, store_write_error, write_bytes_atomic, write_json_atomic, write_jsonl_gz_atomic
+from .atomic import write_bytes_atomic, write_json_atomic, write_jsonl_gz_atomic
 from .config import from_mapping
 from .errors import ExportError
 from .exports.fiftyone_export import (FIELD, FiftyOneExportReport, SourceRow, box_pixels, detection_label,
                                       export_fiftyone, import_fiftyone, iter_source_rows)
 from .exports.source import ExportSource, open_export_source
 from .filter_config import FilterConfig
-from .filter_store import compress_level, remove_leftovers, remove_tree, swap_into_place
+from .filter_store import compress_level, staged_folder
 from .instances import Instances
 from .masks import mask_to_rle, rles_to_masks
 from .store import RunStore
@@ -127,23 +126,14 @@ def pull_review(run_dir: str | Path, dataset_name: str, name: str = "reviewed") 
     spec = json.loads(json.dumps(dataset.info.get("labelgen_source") or {}))  # FiftyOne's dict types -> plain
     base = _base_source(run_dir, spec)
     parent = store.root / "reviewed"
-    final, tmp = parent / name, parent / f".{name}{TMP_MARK}{os.getpid()}"
-    remove_leftovers(parent, name)
-    try:
-        tmp.mkdir(parents=True)
+    final = parent / name
+    with staged_folder(parent, name, f"reviewed copy {name!r}") as tmp:
         counts, shards = _write_shards(fo, dataset, base, tmp, compress_level(store))
         write_bytes_atomic(tmp / "review.yaml", yaml.safe_dump(
             {"dataset": dataset_name, "base": spec, "rules": RULES},
             sort_keys=False, allow_unicode=True).encode("utf-8"), "review rules")
         write_json_atomic(tmp / "summary.json", {"format": REVIEWED_FORMAT, "name": name, "run_id": run_id,
                                                  "dataset": dataset_name, "shards": shards, **counts}, "review summary")
-        swap_into_place(tmp, final)
-    except OSError as exc:
-        remove_tree(tmp)
-        raise store_write_error(exc, final, f"reviewed copy {name!r}") from exc
-    except BaseException:
-        remove_tree(tmp)
-        raise
     return PullReport(name=name, path=str(final.resolve()), dataset=dataset_name, run_id=run_id, shards=shards,
                       **{key: counts.get(key, 0) for key in _COUNT_KEYS})
 
