@@ -42,7 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe value, e.g. --set store.shard_size=128 (repeatable)")
     run.add_argument("--workers", type=int, help="parallel worker processes (default: recipe)")
-    run.add_argument("--device", help="cpu, cuda or cuda:N (default: recipe)")
+    run.add_argument("--device", help="cpu, cuda (every GPU, one per worker in turn) or cuda:N (default: recipe)")
+    run.add_argument("--backend", choices=["local", "ray"],
+                     help="local: processes on this machine; ray: Ray actors (default: recipe, else local)")
+    run.add_argument("--ray-address", metavar="ADDRESS",
+                     help="Ray cluster to use: auto, HOST:PORT or ray://HOST:10001 (implies --backend ray;"
+                          " default: start a local Ray runtime)")
+    run.add_argument("--cache-dir", help="feature cache folder: encoder outputs are reused across runs")
     run.add_argument("--extend", action="store_true", help="add images new in the source as new shards")
     run.add_argument("--new-run", action="store_true",
                      help="if --out holds a different run, move it to archive/ and start over")
@@ -171,6 +177,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"execution.workers={args.workers}")
     if args.device is not None:
         overrides.append(f"execution.device={args.device}")
+    if args.cache_dir:
+        overrides.append(f"execution.cache_dir={json.dumps(args.cache_dir)}")
+    overrides += _backend_overrides(args.backend, args.ray_address)
     recipe = load_recipe(_resolve_recipe(args.recipe), overrides)
     options = {"extensions": recipe.images.extensions} if args.images_kind in ("auto", "folder") else {}
     if args.images_root:
@@ -184,6 +193,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         bar.close()
     _print_run_result(result)
     return 1 if result.shards_failed else 0
+
+
+def _backend_overrides(backend: str | None, ray_address: str | None) -> list[str]:
+    from .errors import ConfigError
+
+    if ray_address is not None:
+        if backend == "local":
+            raise ConfigError("--ray-address is for --backend ray; drop it to run locally")
+        backend = "ray"
+    overrides = [f"execution.backend={backend}"] if backend is not None else []
+    if ray_address is not None:  # JSON-quoted: a YAML string whatever the address looks like
+        overrides.append(f"execution.ray_address={json.dumps(ray_address)}")
+    return overrides
 
 
 def _print_run_result(result) -> None:

@@ -58,9 +58,14 @@ class StoreConfig:
 class ExecutionConfig:
     """How the run executes. Not fingerprinted: may change between resumes."""
 
-    workers: int = 1  # process workers; each loads the model once
-    device: str = "cpu"  # cpu, cuda, cuda:N
+    workers: int = 1  # process workers (local) or Ray actors; each loads the model once
+    device: str = "cpu"  # cpu, cuda (every visible GPU, one per worker in turn), cuda:N
     threads_per_worker: int = 0  # torch CPU threads per worker; 0 = cores // workers
+    backend: Literal["local", "ray"] = "local"  # local: this machine (joblib loky); ray: Ray actors
+    ray_address: str = ""  # ray backend: "" starts a local Ray runtime; "auto", "HOST:PORT", "ray://HOST:10001"
+    devices: tuple[str, ...] = ()  # local backend: worker i uses devices[i % len]; overrides `device`
+    cache_dir: str = ""  # feature cache (encoder outputs by image content + model); "" = off
+    cache_max_gb: float = 50.0  # feature cache size bound (least recently used entries are evicted)
 
 
 @dataclass(frozen=True)

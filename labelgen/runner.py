@@ -1,17 +1,17 @@
-"""Run a recipe over an image source into a run directory: plan, resume, execute in parallel."""
+"""Run a recipe over an image source into a run directory: plan, resume, hand shards to a backend."""
 from __future__ import annotations
 
 import logging
-import threading
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .atomic import store_write_error
-from .config import Recipe, recipe_from_dict
+from .backends import ShardWork, backend_for
+from .config import Recipe
 from .errors import GeneratorError, RunStoreError, StoreWriteError, WeightsNotFoundError
-from .generators import GENERATORS, load_plugins
+from .generators import GENERATORS
 from .labeling import preflight as labeler_preflight
 from .sources import ImageSource
 from .store import RunStore, ShardSpec
@@ -69,12 +69,13 @@ def run(
             if not checked:
                 _preflight(generator_cls, recipe)
             progress.on_start(plan.images, plan.images - plan.pending_images)
-            worker_plugins = [*plugins, generator_cls.__module__]  # workers import what registered it
-            pending = store.iter_pending(set(plan.pending))
-            if recipe.execution.workers <= 1 or len(plan.pending) == 1:
-                _execute_serial(store, recipe, pending, progress, result)
-            else:
-                _execute_parallel(store, recipe, pending, worker_plugins, progress, result)
+            work = ShardWork(
+                root=str(store.root), recipe=recipe, shards=store.iter_pending(set(plan.pending)),
+                count=len(plan.pending), plugins=[*plugins, generator_cls.__module__],  # workers import these
+                run_shard=_run_shard, on_outcome=lambda index, outcome: _collect(store, index, outcome, result),
+                on_images=progress.on_images,
+            )
+            backend_for(recipe.execution).execute(work)
         result.failures = store.write_failures_ledger()
     return result
 
@@ -109,48 +110,6 @@ def _prepare(store: RunStore, recipe: Recipe, source: ImageSource, *, extend: bo
         return 0
     added = store.extend(source.list_records(), recipe.store.shard_size, recipe.fingerprint())
     return sum(len(s.images) for s in added)
-
-
-def _execute_serial(store, recipe, pending, progress, result) -> None:
-    for shard in pending:
-        _collect(store, shard.index, _run_shard(str(store.root), shard, recipe, progress.on_images), result)
-
-
-def _execute_parallel(store, recipe, pending, plugins, progress, result) -> None:
-    import multiprocessing
-
-    from joblib import Parallel, delayed
-
-    recipe_dict = recipe.to_dict()
-    with multiprocessing.Manager() as manager:
-        ticks = manager.Queue()
-        pump = threading.Thread(target=_pump, args=(ticks, progress.on_images), daemon=True)
-        pump.start()
-        try:
-            jobs = (delayed(_run_shard_in_worker)(str(store.root), s, recipe_dict, plugins, ticks) for s in pending)
-            parallel = Parallel(n_jobs=recipe.execution.workers, backend="loky", return_as="generator_unordered")
-            for shard_index, outcome in parallel(jobs):
-                _collect(store, shard_index, outcome, result)
-        finally:
-            ticks.put(None)
-            pump.join(timeout=5)
-
-
-def _pump(ticks: Any, on_images: Callable[[int], None]) -> None:
-    while True:
-        try:
-            item = ticks.get()
-        except (EOFError, OSError):
-            return
-        if item is None:
-            return
-        on_images(item)
-
-
-def _run_shard_in_worker(root: str, shard: ShardSpec, recipe_dict: dict, plugins: list[str], ticks: Any):
-    load_plugins(plugins)
-    recipe = recipe_from_dict(recipe_dict)
-    return shard.index, _run_shard(root, shard, recipe, ticks.put)
 
 
 def _run_shard(root: str, shard: ShardSpec, recipe: Recipe, on_image: Callable[[int], None]) -> dict[str, Any]:

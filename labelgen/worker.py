@@ -18,18 +18,30 @@ from .store import RunStore, ShardSpec, utc_now
 
 log = logging.getLogger(__name__)
 
-_GENERATORS: dict[tuple[str, str], Generator] = {}  # per process: (fingerprint, device) -> generator
+_GENERATORS: dict[tuple[str, str, str], Generator] = {}  # per process: (fingerprint, device, cache) -> generator
 _LABELERS: dict[tuple[str, str], Any] = {}  # per process: (fingerprint, device) -> ClipLabeler
 
 
 def get_generator(recipe: Recipe) -> Generator:
     """The process's generator for this recipe, built on first use (models load once per worker)."""
-    key = (recipe.fingerprint(), recipe.execution.device)
+    key = (recipe.fingerprint(), recipe.execution.device, recipe.execution.cache_dir)
     if key not in _GENERATORS:
         cls = GENERATORS.get(recipe.generator.name)
-        _GENERATORS[key] = cls.from_config(recipe.generator.params, device=recipe.execution.device)
+        generator = cls.from_config(recipe.generator.params, device=recipe.execution.device)
+        _attach_feature_cache(generator, recipe.execution)
+        _GENERATORS[key] = generator
         _limit_torch_threads(recipe.execution)
     return _GENERATORS[key]
+
+
+def _attach_feature_cache(generator: Generator, execution: ExecutionConfig) -> None:
+    """Give generators that support it (``feature_cache`` attribute) the configured cache."""
+    if execution.cache_dir and hasattr(generator, "feature_cache"):
+        from pathlib import Path
+
+        from .feature_cache import FeatureCache
+
+        generator.feature_cache = FeatureCache(Path(execution.cache_dir), int(execution.cache_max_gb * 2**30))
 
 
 def get_labeler(recipe: Recipe) -> Any:

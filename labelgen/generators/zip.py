@@ -7,17 +7,26 @@ Specification and every knob: ``docs/method.md``. Per image:
 3. discovery: per kept class, activated fragments -> instances -> prompt boxes;
 4. refine: one SAM embedding, all boxes decoded in one call; confidence; mask NMS.
 
+With a ``feature_cache`` set, the three image encoders' outputs (CLIP Surgery tokens, layer3
+features, SAM's image embedding) are read from / written to it, keyed by the image's content and
+the encoder settings only, so a re-run with another vocabulary or other thresholds skips the
+encoders and gives the same output as without the cache.
+
 Imports no torch at import time: model code loads in ``from_config``.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from ..feature_cache import FeatureCache
+from ..errors import GeneratorError
 from ..instances import ImageRecord, Instances
 from ..masks import masks_to_rles, rles_to_boxes_xyxy
 from ..nms import mask_nms
@@ -30,6 +39,8 @@ from .base import Generator
 
 log = logging.getLogger(__name__)
 
+CACHE_FORMAT = 1  # bump when what an encoder entry holds changes
+SEMANTIC_TOKENS, LAYER3, SAM_EMBEDDING = "clip_surgery_tokens", "clip_layer3", "sam_embedding"
 SCORE_COLUMNS = ("confidence", "clip_class_prob", "sam_predicted_iou", "sam_stability_score",
                  "activated_fraction", "extent")
 
@@ -52,13 +63,17 @@ class ZipGenerator(Generator):
     name = "zip"
     Config = ZipConfig
 
-    def __init__(self, config: ZipConfig, semantic: Any, boundary: Any, refiner: Any, facts: dict[str, Any]):
+    def __init__(self, config: ZipConfig, semantic: Any, boundary: Any, refiner: Any, facts: dict[str, Any],
+                 feature_cache: FeatureCache | None = None):
         self.config = config
         self.semantic = semantic
         self.boundary = boundary
         self.refiner = refiner
         self.facts = facts
+        # An execution concern, not part of the run identity: settable after construction.
+        self.feature_cache = feature_cache
         self.last_timings: dict[str, float] = {}  # seconds per stage of the last image
+        self._weights_ids: dict[str, dict[str, Any]] = {}
 
     # -- building -----------------------------------------------------------------------
     @classmethod
@@ -109,26 +124,79 @@ class ZipGenerator(Generator):
     # -- one image ------------------------------------------------------------------------
     def generate(self, image_rgb: np.ndarray, record: ImageRecord) -> Instances:
         height, width = image_rgb.shape[:2]
+        keys = self.cache_keys(image_rgb) if self.feature_cache is not None else None
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        semantic = self.semantic(image_rgb)
+        semantic = self._semantic(image_rgb, keys)
         timings["semantic"] = _lap(t0)
         if len(semantic.kept) == 0:
             self.last_timings = timings
             return self._empty(height, width)
         t0 = time.perf_counter()
         activation = semantic.maps[semantic.kept].max(axis=0) if self.config.boundary.init == "semantic" else None
-        boundary = self.boundary(image_rgb, activation)
+        boundary = self._boundary(image_rgb, activation, keys)
         timings["boundary"] = _lap(t0)
         t0 = time.perf_counter()
         proposals = self.propose(semantic, boundary, height, width)
         timings["discovery"] = _lap(t0)
         t0 = time.perf_counter()
-        instances = self._refine(image_rgb, proposals)
+        instances = self._refine(image_rgb, proposals, keys)
         timings["refine"] = _lap(t0)
         self.last_timings = timings
         return instances
 
+    # -- the encoders, through the feature cache when one is set ------------------------------
+    def cache_keys(self, image_rgb: np.ndarray) -> dict[str, dict[str, Any]]:
+        """Feature-cache key dict of each encoder output of this image (kind -> key).
+
+        Each names the image content (SHA-256 of its shape and uint8 pixels), the encoder's model
+        and weights identity, every setting its output depends on, the precision and the device
+        type; never the vocabulary, the thresholds or anything downstream of the encoder.
+        """
+        cfg = self.config
+        common = {"format": CACHE_FORMAT, "image_sha256": image_sha256(image_rgb), "precision": cfg.precision,
+                  "device_type": str(self.facts.get("device", "cpu")).split(":")[0]}
+        return {
+            SEMANTIC_TOKENS: {**common, "model": cfg.semantic.model, "weights": self._weights_id("semantic"),
+                              "input_size": cfg.semantic.input_size, "surgery_depth": cfg.semantic.surgery_depth,
+                              "new_path_start": cfg.semantic.new_path_start},
+            LAYER3: {**common, "model": cfg.boundary.model, "weights": self._weights_id("boundary"),
+                     "short_side": cfg.boundary.short_side, "max_long_side": cfg.boundary.max_long_side},
+            SAM_EMBEDDING: {**common, "model": cfg.sam.model_type, "weights": self._weights_id("sam")},
+        }
+
+    def _weights_id(self, stage: str) -> dict[str, Any]:
+        """What identifies a stage's weights: RANDOM + seed, a known SHA-256, or path + size + mtime."""
+        if stage not in self._weights_ids:
+            self._weights_ids[stage] = weights_identity(self.facts.get(stage, {}), stage)
+        return self._weights_ids[stage]
+
+    def _cached(self, kind: str, keys: dict[str, dict[str, Any]], compute: Callable[[], np.ndarray]) -> np.ndarray:
+        array = self.feature_cache.get(kind, keys[kind])
+        if array is None:
+            array = compute()
+            self.feature_cache.put(kind, keys[kind], array)
+        return array
+
+    def _semantic(self, image_rgb: np.ndarray, keys: dict | None) -> Any:
+        if keys is None:
+            return self.semantic(image_rgb)
+        return self.semantic.from_tokens(self._cached(SEMANTIC_TOKENS, keys, lambda: self.semantic.encode(image_rgb)))
+
+    def _boundary(self, image_rgb: np.ndarray, activation: np.ndarray | None, keys: dict | None) -> Any:
+        if keys is None:
+            return self.boundary(image_rgb, activation)
+        features = self._cached(LAYER3, keys, lambda: self.boundary.encode(image_rgb))
+        return self.boundary.cluster(features, image_rgb.shape[0], image_rgb.shape[1], activation)
+
+    def _sam(self, image_rgb: np.ndarray, boxes_xyxy: np.ndarray, keys: dict | None) -> Any:
+        if keys is None:
+            return self.refiner.refine(image_rgb, boxes_xyxy)
+        embedding = self._cached(SAM_EMBEDDING, keys, lambda: self.refiner.image_embedding(image_rgb))
+        self.refiner.set_embedding(embedding, image_rgb.shape[0], image_rgb.shape[1])
+        return self.refiner.decode_boxes(boxes_xyxy)
+
+    # -- stages 3 and 4 ---------------------------------------------------------------------
     def propose(self, semantic: Any, boundary: Any, height: int, width: int) -> Proposals:
         """Stage 3 for every kept class: activated fragments -> instances -> image-pixel boxes."""
         rows: list[tuple] = []
@@ -148,12 +216,12 @@ class ZipGenerator(Generator):
             area_cells=tuple(int(r[0].area_cells) for r in rows),
         )
 
-    def _refine(self, image_rgb: np.ndarray, proposals: Proposals) -> Instances:
+    def _refine(self, image_rgb: np.ndarray, proposals: Proposals, keys: dict | None = None) -> Instances:
         """Stage 4: SAM masks for all boxes in one call, scores, drop empty masks, mask NMS."""
         height, width = image_rgb.shape[:2]
         if len(proposals.boxes_xyxy) == 0:
             return self._empty(height, width)
-        refined = self.refiner.refine(image_rgb, proposals.boxes_xyxy)
+        refined = self._sam(image_rgb, proposals.boxes_xyxy, keys)
         nonempty = refined.masks.reshape(len(refined.masks), -1).any(axis=1)
         rles = masks_to_rles(refined.masks)
         scores = {
@@ -199,6 +267,42 @@ class ZipGenerator(Generator):
                                                "area_cells", "sam_mask_choice")},
             provenance={"generator": self.name},
         )
+
+
+def image_sha256(image_rgb: np.ndarray) -> str:
+    """Hex SHA-256 of an image's content: its shape, dtype and pixel bytes (C order)."""
+    pixels = np.ascontiguousarray(image_rgb)
+    digest = hashlib.sha256(f"{pixels.dtype.str}{pixels.shape}".encode("ascii"))
+    digest.update(memoryview(pixels).cast("B"))
+    return digest.hexdigest()
+
+
+def weights_identity(facts: dict[str, Any], stage: str) -> dict[str, Any]:
+    """Feature-cache identity of a stage's weights from its provenance ``facts``.
+
+    RANDOM weights: the seed they were built with. A known SHA-256 (official SAM checkpoints):
+    that hash. Otherwise the weights file's path, size and modification time (hashing a
+    multi-GB file in every worker would cost seconds; a replaced file changes size or mtime).
+    Raises ``GeneratorError`` when the weights cannot be identified (caching would be unsafe).
+    """
+    weights = str(facts.get("weights", ""))
+    if weights == "RANDOM":
+        from ..zipmethod.loading import RANDOM_SEED
+
+        return {"random_seed": RANDOM_SEED}
+    if facts.get("sha256"):
+        return {"sha256": str(facts["sha256"])}
+    try:
+        st = os.stat(weights) if weights else None
+    except OSError:
+        st = None
+    if st is None:
+        raise GeneratorError(
+            f"zip feature cache: cannot identify the {stage} weights (provenance says {facts!r}); the file must"
+            " exist to key the cache on it. Run without the feature cache, or restore the weights file."
+        )
+    return {"pretrained": str(facts.get("pretrained", "")), "path": weights, "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns}
 
 
 def _lap(t0: float) -> float:

@@ -160,7 +160,33 @@ class BoundaryStage:
         It is resampled onto the feature grid like :func:`~.discovery.activation_mask` does.
         """
         images, resize = resize_for_boundary(image_rgb, self.config.short_side, self.config.max_long_side)
-        features = self._features(images)
+        return self._cluster(self._features(images), resize, activation_map)
+
+    def encode(self, image_rgb: np.ndarray) -> np.ndarray:
+        """The backbone's part: (1, C, grid_height, grid_width) float32 layer3 features of one
+        (H, W, 3) uint8 image, on the host. :meth:`cluster` does the rest."""
+        images, _ = resize_for_boundary(image_rgb, self.config.short_side, self.config.max_long_side)
+        return self._features(images).cpu().numpy()
+
+    def cluster(self, features: np.ndarray, image_height: int, image_width: int,
+                activation_map: np.ndarray | None = None) -> BoundaryResult:
+        """K-means on :meth:`encode`'s features of an ``image_height`` x ``image_width`` image.
+
+        ``stage.cluster(stage.encode(image), H, W, act)`` equals ``stage(image, act)`` exactly
+        (same float32 features, same k-means on ``self.device``).
+        """
+        features = np.asarray(features)
+        if features.ndim != 4 or features.shape[0] != 1 or features.dtype != np.float32:
+            raise ValidationError(
+                f"expected (1, C, h, w) float32 layer3 features, got {features.dtype} {features.shape}")
+        resized_height, resized_width = _resized_size(image_height, image_width, self.config.short_side,
+                                                      self.config.max_long_side)
+        resize = BoundaryResize(image_height, image_width, resized_height, resized_width)
+        return self._cluster(torch.from_numpy(features).to(self.device), resize, activation_map)
+
+    def _cluster(self, features: torch.Tensor, resize: BoundaryResize,
+                 activation_map: np.ndarray | None) -> BoundaryResult:
+        """K-means of (1, C, h, w) float32 features on ``self.device``."""
         _, channels, grid_height, grid_width = features.shape
         vectors = features[0].permute(1, 2, 0).reshape(grid_height * grid_width, channels)
         seeds = self._init_indices(resize, grid_height, grid_width, activation_map)

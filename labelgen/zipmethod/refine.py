@@ -215,6 +215,33 @@ class SamRefiner:
         with self._inference():
             self.predictor.set_image(np.ascontiguousarray(image_rgb), image_format="RGB")
 
+    def image_embedding(self, image_rgb: np.ndarray) -> np.ndarray:
+        """Embed ``image_rgb`` (as :meth:`embed_image`) and return SAM's image embedding on the
+        host: ``(1, C, h, w)`` in the encoder's output dtype; a bfloat16 embedding comes as its
+        uint16 bit pattern (numpy has no bfloat16). :meth:`set_embedding` takes it back."""
+        self.embed_image(image_rgb)
+        return _tensor_to_numpy(self.predictor.features)
+
+    def set_embedding(self, embedding: np.ndarray, image_height: int, image_width: int) -> None:
+        """Put the predictor in the state :meth:`embed_image` leaves for an ``image_height`` x
+        ``image_width`` image whose embedding is ``embedding`` (from :meth:`image_embedding`),
+        without running the image encoder. ``decode_boxes`` then gives the same answer."""
+        import torch
+
+        embedding = np.asarray(embedding)
+        if embedding.ndim != 4 or embedding.shape[0] != 1:
+            raise ValidationError(f"expected a (1, C, h, w) SAM image embedding, got shape {embedding.shape}")
+        if image_height < 1 or image_width < 1:
+            raise ValidationError(f"image size must be positive, got {image_height}x{image_width}")
+        predictor = self.predictor
+        predictor.reset_image()
+        predictor.original_size = (int(image_height), int(image_width))
+        predictor.input_size = predictor.transform.get_preprocess_shape(
+            image_height, image_width, predictor.transform.target_length)
+        with torch.inference_mode():
+            predictor.features = _numpy_to_tensor(embedding).to(predictor.device)
+        predictor.is_image_set = True
+
     def decode_boxes(self, boxes_xyxy: np.ndarray) -> RefineResult:
         """All boxes through the mask decoder in one batched call, on the embedded image."""
         import torch
@@ -260,6 +287,25 @@ class SamRefiner:
             device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
         ):
             yield
+
+
+def _tensor_to_numpy(tensor: "torch.Tensor") -> np.ndarray:
+    """Host copy; bfloat16 as its uint16 bit pattern (lossless)."""
+    import torch
+
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
+def _numpy_to_tensor(array: np.ndarray) -> "torch.Tensor":
+    """Inverse of :func:`_tensor_to_numpy`: uint16 is read back as bfloat16 bits."""
+    import torch
+
+    if array.dtype == np.uint16:
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def _stability_score(logits: "torch.Tensor", threshold: float) -> "torch.Tensor":

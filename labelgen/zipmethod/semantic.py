@@ -391,13 +391,35 @@ class SemanticStage:
 
     def __call__(self, image_rgb: np.ndarray) -> SemanticResult:
         """Maps, probabilities and gated classes of one (H, W, 3) uint8 RGB image."""
+        return self._from_token_tensor(self._encode_tensor(image_rgb))
+
+    def encode(self, image_rgb: np.ndarray) -> np.ndarray:
+        """The image tower's part: (1 + N, D) float32 projected tokens (CLS first, then the N
+        patch tokens in raster order) of one (H, W, 3) uint8 RGB image. Vocabulary-independent."""
+        return self._encode_tensor(image_rgb)[0].cpu().numpy()
+
+    def from_tokens(self, tokens: np.ndarray) -> SemanticResult:
+        """The vocabulary's part: ``SemanticResult`` from :meth:`encode`'s (1 + N, D) float32 tokens.
+
+        ``stage.from_tokens(stage.encode(image))`` equals ``stage(image)`` exactly.
+        """
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or tokens.dtype != np.float32:
+            raise ValidationError(f"expected (1 + N, D) float32 tokens, got {tokens.dtype} {tokens.shape}")
+        return self._from_token_tensor(torch.from_numpy(tokens).unsqueeze(0).to(self.device))
+
+    def _encode_tensor(self, image_rgb: np.ndarray) -> torch.Tensor:
+        """(1, 1 + N, D) float32 tokens on ``self.device``."""
         pixels = preprocess_square(image_rgb, self.config.input_size, self.mean, self.std).to(self.device)
-        text, redundant = self.text_cache.get(self.model_key, self.model, self.tokenizer, self.class_names, self.device)
         with torch.inference_mode():
             with self._autocast():
                 tokens = surgery_forward(self.model.visual, pixels, self.config.surgery_depth,
                                          new_path_start=self.config.new_path_start)
-            tokens = tokens.float()
+            return tokens.float()
+
+    def _from_token_tensor(self, tokens: torch.Tensor) -> SemanticResult:
+        text, redundant = self.text_cache.get(self.model_key, self.model, self.tokenizer, self.class_names, self.device)
+        with torch.inference_mode():
             probs = class_probabilities(tokens[:, 0], text, float(self.model.logit_scale.exp()))[0]
             maps = activation_maps(tokens[:, 1:], text, redundant)[0]
         probs_np = probs.cpu().numpy().astype(np.float32)
