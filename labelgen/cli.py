@@ -27,6 +27,15 @@ _FILTER_FLAGS = [
 ]
 
 
+def _add_label_source_options(parser: argparse.ArgumentParser, verb: str, filtering: str) -> None:
+    """Which labels a command reads: a saved filtered or reviewed copy, or filter options on the fly."""
+    parser.add_argument("--filtered", metavar="NAME", help=f"{verb} RUN_DIR/filtered/NAME (`labelgen filter --save`)")
+    parser.add_argument("--reviewed", metavar="NAME", help=f"{verb} RUN_DIR/reviewed/NAME (`labelgen pull`)")
+    parser.add_argument("--filter-config", help=f"filter options (YAML), {filtering}")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"filter option {filtering}, e.g. --set min_confidence=0.5")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labelgen", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"labelgen {__version__}")
@@ -81,11 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", help="target folder (coco, yolo)")
     exp.add_argument("--dataset", help="FiftyOne dataset name (fiftyone)")
     exp.add_argument("--images-root", help="folder that exported file names are relative to (default: the source's)")
-    exp.add_argument("--filtered", metavar="NAME", help="export RUN_DIR/filtered/NAME (from `labelgen filter --save`)")
-    exp.add_argument("--reviewed", metavar="NAME", help="export RUN_DIR/reviewed/NAME (from `labelgen pull`)")
-    exp.add_argument("--filter-config", help="apply filter options (YAML) while exporting, as `labelgen filter` does")
-    exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="filter option applied while exporting, e.g. --set min_confidence=0.5")
+    _add_label_source_options(exp, "export", "applied while exporting")
     exp.add_argument("--mask-format", default="rle", choices=["rle", "polygon"], help="coco: segmentation format")
     exp.add_argument("--polygon-tolerance", type=float, default=0.9, help="coco polygons: minimum IoU per object")
     exp.add_argument("--task", default="segment", choices=["segment", "detect"], help="yolo: label type")
@@ -123,11 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--gt", required=True, help="ground truth: COCO JSON, YOLO dataset folder/yaml, or a run directory")
     ev.add_argument("--gt-split", help="YOLO ground truth: split (e.g. train2017)")
-    ev.add_argument("--filtered", metavar="NAME", help="evaluate RUN_DIR/filtered/NAME")
-    ev.add_argument("--reviewed", metavar="NAME", help="evaluate RUN_DIR/reviewed/NAME")
-    ev.add_argument("--filter-config", help="filter options (YAML): evaluate before and after filtering")
-    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="filter option, e.g. --set min_confidence=0.5: evaluate before and after filtering")
+    _add_label_source_options(ev, "evaluate", "evaluated before and after filtering")
     mode = ev.add_mutually_exclusive_group()
     mode.add_argument("--class-agnostic", dest="class_agnostic", action="store_const", const=True, default=None,
                       help="one category for everything (default: class-aware when class names overlap)")

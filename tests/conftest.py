@@ -45,3 +45,14 @@ def fiftyone_db(tmp_path_factory):
     os.environ["FIFTYONE_DEFAULT_DATASET_DIR"] = str(folder / "datasets")
     fo = pytest.importorskip("fiftyone")
     return fo
+
+
+@pytest.fixture
+def dataset_name(fiftyone_db):
+    """A unique FiftyOne dataset name; the dataset is deleted after the test."""
+    import uuid
+
+    name = f"labelgen-test-{uuid.uuid4().hex[:10]}"
+    yield name
+    if fiftyone_db.dataset_exists(name):
+        fiftyone_db.delete_dataset(name)

@@ -24,14 +24,6 @@ from labelgen.testing import write_synthetic_run
 CLASSES = ["cat", "dog", "bird"]
 
 
-@pytest.fixture
-def dataset_name(fiftyone_db):
-    """A unique dataset name; the dataset is deleted after the test."""
-    name = f"labelgen-test-{uuid.uuid4().hex[:10]}"
-    yield name
-    if fiftyone_db.dataset_exists(name):
-        fiftyone_db.delete_dataset(name)
-
 
 def fake_run(tmp_path, image_dir, **generator):
     generator.setdefault("class_names", CLASSES)

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +30,6 @@ from labelgen.testing import write_synthetic_run
 CLASSES = ["cat", "dog", "bird"]  # the fake generator's band i gets class i % 3
 CHROMIUM = Path("/usr/bin/chromium")
 
-
-@pytest.fixture
-def dataset_name(fiftyone_db):
-    name = f"labelgen-test-{uuid.uuid4().hex[:10]}"
-    yield name
-    if fiftyone_db.dataset_exists(name):
-        fiftyone_db.delete_dataset(name)
 
 
 @pytest.fixture
