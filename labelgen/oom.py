@@ -49,28 +49,44 @@ def run_with_backoff(
     When it raises an error for which ``is_oom`` is true, the failed batch's size is halved
     (rounding down, at least 1) and the same items are retried, with a warning; the smaller size is kept
     for the rest of the items. An out-of-memory error on a single item, and any other error,
-    propagates unchanged.
+    propagates unchanged. (One call of :meth:`AdaptiveBatcher.run`.)
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValidationError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    items = list(items)
-    results: list[R] = []
-    start, size = 0, batch_size
-    while start < len(items):
-        batch = items[start:start + size]
-        outcome = _call(fn, batch, is_oom)
-        if outcome is _OUT_OF_MEMORY:  # retried outside the except block: the failed call's
-            new_size = max(1, len(batch) // 2)  # frames (and their tensors) are freed by now
-            log.warning("out of memory on a batch of %d items; retrying with batches of %d", len(batch), new_size)
-            _release_cached_memory()
-            size = new_size
-            continue
-        if len(outcome) != len(batch):
-            raise ValidationError(f"fn returned {len(outcome)} results for a batch of {len(batch)} items;"
-                                  " it must return one per item")
-        results.extend(outcome)
-        start += len(batch)
-    return results
+    return AdaptiveBatcher(batch_size, is_oom=is_oom).run(fn, items)
+
+
+class AdaptiveBatcher:
+    """Batches of at most ``size`` items, halved for good after an out-of-memory error.
+
+    Keep one per model stage for the life of a worker: once a batch of ``n`` ran out of memory,
+    later calls start at ``n // 2`` instead of failing again on every new batch.
+    """
+
+    def __init__(self, batch_size: int, *, is_oom: Callable[[BaseException], bool] = default_is_oom):
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValidationError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        self.batch_size = batch_size  # what was asked for
+        self.size = batch_size  # what currently fits
+        self.is_oom = is_oom
+
+    def run(self, fn: Callable[[Sequence[T]], Sequence[R]], items: Sequence[T]) -> list[R]:
+        """``fn`` over ``items`` in batches of at most ``self.size`` (see :func:`run_with_backoff`)."""
+        items = list(items)
+        results: list[R] = []
+        start = 0
+        while start < len(items):
+            batch = items[start:start + self.size]
+            outcome = _call(fn, batch, self.is_oom)
+            if outcome is _OUT_OF_MEMORY:  # retried outside the except block: the failed call's
+                self.size = max(1, len(batch) // 2)  # frames (and their tensors) are freed by now
+                log.warning("out of memory on a batch of %d items; retrying with batches of %d", len(batch), self.size)
+                _release_cached_memory()
+                continue
+            if len(outcome) != len(batch):
+                raise ValidationError(f"fn returned {len(outcome)} results for a batch of {len(batch)} items;"
+                                      " it must return one per item")
+            results.extend(outcome)
+            start += len(batch)
+        return results
 
 
 def _call(fn: Callable[[Sequence[Any]], Sequence[Any]], batch: list, is_oom: Callable[[BaseException], bool]

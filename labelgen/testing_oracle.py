@@ -39,13 +39,14 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 from PIL import Image
 
 from .errors import ConfigError, GeneratorError, LabelgenError, ValidationError
 from .generators import GENERATORS
+from .generators.base import failed
 from .generators.zip import ZipGenerator
 from .importers import ImportedDataset, import_yolo
 from .instances import ImageRecord, Instances
@@ -115,13 +116,13 @@ def paint_owners(masks: np.ndarray) -> np.ndarray:
 
 
 class _Binding:
-    """The image the three oracle stages answer for; set by ``ZipOracleGenerator.generate``."""
+    """The image the three oracle stages answer for; set by ``ZipOracleGenerator.generate_batch``."""
 
     image: OracleImage | None = None
 
     def require(self) -> OracleImage:
         if self.image is None:
-            raise GeneratorError("an oracle stage was called outside ZipOracleGenerator.generate")
+            raise GeneratorError("an oracle stage was called outside ZipOracleGenerator.generate_batch")
         return self.image
 
 
@@ -148,6 +149,13 @@ class OracleSemantic:
             maps[class_id] = coverage_map(self._class_mask(truth, class_id), self.map_size)
         kept = gate_classes(probs, 0.5 / max(len(present), 1), 0)  # exactly the present classes
         return SemanticResult(class_probs=probs, maps=maps, kept=kept)
+
+    def encode_batch(self, images_rgb: list[np.ndarray]) -> list[np.ndarray]:
+        """The encoder interface ``ZipGenerator`` calls: the oracle's "features" are the images."""
+        return list(images_rgb)
+
+    def from_tokens(self, image_rgb: np.ndarray):
+        return self(image_rgb)
 
     def _class_mask(self, truth: OracleImage, class_id: int) -> np.ndarray:
         members = truth.class_ids == class_id
@@ -190,6 +198,13 @@ class OracleBoundary:
                               features_shape=(1, features.shape[1], *owner.shape), iterations=iterations,
                               num_clusters=int(centroids.shape[0]),
                               resize=BoundaryResize(height, width, height, width))
+
+    def encode_batch(self, images_rgb: list[np.ndarray]) -> list[np.ndarray]:
+        return list(images_rgb)
+
+    def cluster(self, image_rgb: np.ndarray, height: int, width: int,
+                activation_map: np.ndarray | None = None) -> BoundaryResult:
+        return self(image_rgb, activation_map)
 
 
 def owner_grid(truth: OracleImage, grid_stride: int) -> np.ndarray:
@@ -273,6 +288,16 @@ class OracleRefiner:
 
     def __init__(self, predicted_iou: str, binding: _Binding):
         self.predicted_iou, self.binding = predicted_iou, binding
+        self._image: np.ndarray | None = None
+
+    def embed_batch(self, images_rgb: list[np.ndarray]) -> list[np.ndarray]:
+        return list(images_rgb)
+
+    def set_embedding(self, image_rgb: np.ndarray, height: int, width: int) -> None:
+        self._image = image_rgb
+
+    def decode_boxes(self, boxes_xyxy: np.ndarray) -> RefineResult:
+        return self.refine(self._image, boxes_xyxy)
 
     def refine(self, image_rgb: np.ndarray, boxes_xyxy: np.ndarray) -> RefineResult:
         truth = self.binding.require()
@@ -352,12 +377,19 @@ class ZipOracleGenerator(ZipGenerator):
             return None
         return _ground_truth(os.path.abspath(config.gt_root), config.split).class_names
 
-    def generate(self, image_rgb: np.ndarray, record: ImageRecord) -> Instances:
-        self._binding.image = self._image_truth(record, image_rgb.shape[:2])
-        try:
-            return super().generate(image_rgb, record)
-        finally:
-            self._binding.image = None
+    def generate_batch(self, images_rgb: Sequence[np.ndarray],
+                       records: Sequence[ImageRecord]) -> list[Callable[[], Instances]]:
+        """One image at a time: the oracle stages answer for the image bound to them."""
+        finishers: list[Callable[[], Instances]] = []
+        for image_rgb, record in zip(images_rgb, records, strict=True):
+            try:
+                self._binding.image = self._image_truth(record, image_rgb.shape[:2])
+                finishers.extend(super().generate_batch([image_rgb], [record]))
+            except Exception as exc:
+                finishers.append(failed(exc))
+            finally:
+                self._binding.image = None
+        return finishers
 
     def _image_truth(self, record: ImageRecord, frame: tuple[int, int]) -> OracleImage:
         name = Path(record.image_id).name

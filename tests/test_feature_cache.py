@@ -397,11 +397,11 @@ def test_weights_identity(tmp_path):
 
 def test_sam_embedding_survives_bfloat16():
     torch = pytest.importorskip("torch")
-    from labelgen.zipmethod.refine import _numpy_to_tensor, _tensor_to_numpy
+    from labelgen.zipmethod.refine import host_to_tensor, tensor_to_host
 
     for tensor in (torch.randn(1, 4, 2, 2).bfloat16(), torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2).half()):
-        array = _tensor_to_numpy(tensor)
-        back = _numpy_to_tensor(array)
+        array = tensor_to_host(tensor)
+        back = host_to_tensor(array)
         assert back.dtype == tensor.dtype and torch.equal(back, tensor)
 
 

@@ -289,7 +289,7 @@ def test_boundary_stage_small_grid_clamps_k(guarded_clip):
 
 def test_boundary_stage_rejects_bad_precision(tiny_clip):
     with pytest.raises(GeneratorError, match="precision"):
-        BoundaryStage(tiny_clip, BoundaryConfig(), precision="fp16")
+        BoundaryStage(tiny_clip, BoundaryConfig(), precision="fp8")
 
 
 @pytest.mark.parametrize("map_hw, image_hw, grid_hw", [((32, 32), (480, 640), (30, 40)), ((32, 32), (427, 640), (26, 40))])

@@ -102,16 +102,17 @@ def test_propose_scales_grid_boxes_to_a_non_square_image(tiny_generator):
 
 def test_cross_class_duplicates_are_removed_by_mask_nms(tiny_generator, coco128_images, monkeypatch):
     image, record = _image(coco128_images)
-    real = tiny_generator.semantic
+    stage = tiny_generator.semantic
+    real_from_tokens = stage.from_tokens
 
-    def two_identical_classes(img):
-        result = real(img)
+    def two_identical_classes(tokens):
+        result = real_from_tokens(tokens)
         maps = result.maps.copy()
         maps[1] = maps[0]
         return SemanticResult(class_probs=np.array([0.5, 0.4, 0.1], np.float32), maps=maps, kept=np.array([0, 1]))
 
-    monkeypatch.setattr(tiny_generator, "semantic", two_identical_classes)
-    semantic = two_identical_classes(image)
+    monkeypatch.setattr(stage, "from_tokens", two_identical_classes)
+    semantic = two_identical_classes(stage.encode(image))
     proposals = tiny_generator.propose(semantic, tiny_generator.boundary(image), record.height, record.width)
     assert len(proposals.boxes_xyxy) >= 2 and len(proposals.boxes_xyxy) % 2 == 0  # each instance twice
     out = tiny_generator.generate(image, record)

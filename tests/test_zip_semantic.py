@@ -403,7 +403,7 @@ def test_semantic_stage_generic_prompt(tiny, sample_image):
         ({"class_threshold": 1.5}, "fp32", "class_threshold"),
         ({"top_k": -1}, "fp32", "top_k"),
         ({"vocabulary": (), "generic_prompt": ""}, "fp32", "generic_prompt"),
-        ({}, "fp16", "precision"),
+        ({}, "fp8", "precision"),
     ],
 )
 def test_semantic_stage_rejects_bad_config(tiny, overrides, precision, match):

@@ -16,12 +16,13 @@ Imports no torch at import time: model code loads in ``from_config``.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -30,12 +31,13 @@ from ..errors import GeneratorError
 from ..instances import ImageRecord, Instances
 from ..masks import masks_to_rles, rles_to_boxes_xyxy
 from ..nms import mask_nms
+from ..oom import AdaptiveBatcher, default_is_oom
 from ..weights import resolve_clip_weights, resolve_sam_checkpoint
 from ..zipmethod.config import ZipConfig
 from ..zipmethod.discovery import activation_mask, discover_instances, grid_boxes_to_image
-from ..zipmethod.refine import zip_confidence
+from ..zipmethod.refine import tensor_to_host, zip_confidence
 from . import GENERATORS
-from .base import Generator
+from .base import Generator, failed
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,8 @@ class ZipGenerator(Generator):
         self.facts = facts
         # An execution concern, not part of the run identity: settable after construction.
         self.feature_cache = feature_cache
-        self.last_timings: dict[str, float] = {}  # seconds per stage of the last image
+        self.last_timings: dict[str, float] = {}  # seconds per stage of the last image / batch
+        self.batch_size = 1  # images per encoder call (an execution setting, like the cache)
         self._weights_ids: dict[str, dict[str, Any]] = {}
 
     # -- building -----------------------------------------------------------------------
@@ -121,31 +124,118 @@ class ZipGenerator(Generator):
             return None
         return tuple(config.semantic.vocabulary) or (config.semantic.generic_prompt,)
 
-    # -- one image ------------------------------------------------------------------------
+    # -- images ---------------------------------------------------------------------------
     def generate(self, image_rgb: np.ndarray, record: ImageRecord) -> Instances:
-        height, width = image_rgb.shape[:2]
-        keys = self.cache_keys(image_rgb) if self.feature_cache is not None else None
-        timings: dict[str, float] = {}
+        """One image: :meth:`generate_batch` of one, finished at once."""
+        (finish,) = self.generate_batch([image_rgb], [record])
         t0 = time.perf_counter()
-        semantic = self._semantic(image_rgb, keys)
-        timings["semantic"] = _lap(t0)
-        if len(semantic.kept) == 0:
-            self.last_timings = timings
-            return self._empty(height, width)
-        t0 = time.perf_counter()
-        activation = semantic.maps[semantic.kept].max(axis=0) if self.config.boundary.init == "semantic" else None
-        boundary = self._boundary(image_rgb, activation, keys)
-        timings["boundary"] = _lap(t0)
-        t0 = time.perf_counter()
-        proposals = self.propose(semantic, boundary, height, width)
-        timings["discovery"] = _lap(t0)
-        t0 = time.perf_counter()
-        instances = self._refine(image_rgb, proposals, keys)
-        timings["refine"] = _lap(t0)
-        self.last_timings = timings
+        instances = finish()
+        self.last_timings["refine"] = round(self.last_timings.get("refine", 0.0) + _lap(t0), 6)
         return instances
 
-    # -- the encoders, through the feature cache when one is set ------------------------------
+    def generate_batch(self, images_rgb: Sequence[np.ndarray],
+                       records: Sequence[ImageRecord]) -> list[Callable[[], Instances]]:
+        """The four stages for a batch of images, each image encoder called on up to
+        ``batch_size`` images at once (halved on out-of-memory); per image a ``finish()`` that
+        does the CPU-only rest (RLE encoding, boxes, mask NMS). An image whose stage fails gets
+        a ``finish()`` raising that error; the other images go on. ``last_timings`` holds
+        the seconds of each stage for the whole batch (finishing not included).
+        """
+        images = list(images_rgb)
+        if len(images) != len(records):
+            raise GeneratorError(f"generate_batch: {len(images)} images but {len(records)} records")
+        errors: dict[int, BaseException] = {}
+        keys = self._each(range(len(images)), errors, self._keys_of(images))
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        tokens = self._encode(SEMANTIC_TOKENS, list(keys), images, keys, self.semantic.encode_batch, errors)
+        semantic = self._each(tokens, errors, lambda i: self.semantic.from_tokens(tokens[i]))
+        timings["semantic"] = _lap(t0)
+        t0 = time.perf_counter()
+        active = [i for i in semantic if len(semantic[i].kept)]
+        features = self._encode(LAYER3, active, images, keys, self.boundary.encode_batch, errors)
+        boundary = self._each(features, errors, lambda i: self.boundary.cluster(
+            features[i], *images[i].shape[:2], self._activation(semantic[i])))
+        timings["boundary"] = _lap(t0)
+        t0 = time.perf_counter()
+        proposals = self._each(boundary, errors, lambda i: self.propose(semantic[i], boundary[i], *images[i].shape[:2]))
+        timings["discovery"] = _lap(t0)
+        t0 = time.perf_counter()
+        prompted = [i for i in proposals if len(proposals[i].boxes_xyxy)]
+        embeddings = self._encode(SAM_EMBEDDING, prompted, images, keys, self.refiner.embed_batch, errors)
+        refined = self._each(embeddings, errors, lambda i: self._decode(embeddings[i], images[i].shape[:2],
+                                                                        proposals[i].boxes_xyxy))
+        timings["refine"] = _lap(t0)
+        self.last_timings = timings
+        return [self._finisher(i, images[i].shape[:2], errors, proposals, refined) for i in range(len(images))]
+
+    def _finisher(self, index: int, frame: tuple[int, int], errors: dict, proposals: dict,
+                  refined: dict) -> Callable[[], Instances]:
+        height, width = frame
+        if index in errors:
+            return failed(errors[index])
+        if index in refined:
+            return functools.partial(self._finish, height, width, proposals[index], refined[index])
+        return functools.partial(self._empty, height, width)  # no class kept, or no instance found
+
+    @staticmethod
+    def _each(indices: Iterable[int], errors: dict[int, BaseException], fn: Callable[[int], Any]) -> dict[int, Any]:
+        """``{i: fn(i)}`` over ``indices``; an image whose ``fn`` raises goes to ``errors`` instead."""
+        out: dict[int, Any] = {}
+        for index in indices:
+            try:
+                out[index] = fn(index)
+            except Exception as exc:
+                errors[index] = exc
+        return out
+
+    def _keys_of(self, images: list[np.ndarray]) -> Callable[[int], dict | None]:
+        if self.feature_cache is None:
+            return lambda i: None
+        return lambda i: self.cache_keys(images[i])
+
+    def _activation(self, semantic: Any) -> np.ndarray | None:
+        """Boundary k-means seeds from the kept classes' maps (``boundary.init: semantic``)."""
+        return semantic.maps[semantic.kept].max(axis=0) if self.config.boundary.init == "semantic" else None
+
+    def _decode(self, embedding: Any, frame: tuple[int, int], boxes_xyxy: np.ndarray) -> Any:
+        self.refiner.set_embedding(embedding, *frame)
+        return self.refiner.decode_boxes(boxes_xyxy)
+
+    # -- the encoders: batched, out-of-memory back-off, feature cache ------------------------
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        """Images per encoder call; a new value starts each encoder's back-off afresh."""
+        self._batchers = {kind: AdaptiveBatcher(value) for kind in (SEMANTIC_TOKENS, LAYER3, SAM_EMBEDDING)}
+        self._batch_size = value
+
+    def _encode(self, kind: str, indices: list[int], images: list[np.ndarray], keys: dict[int, Any],
+                encode_batch: Callable[[list[np.ndarray]], list[Any]], errors: dict[int, BaseException]
+                ) -> dict[int, Any]:
+        """Encoder ``kind``'s output for each image of ``indices``: from the feature cache when it
+        has it, else computed in batches (one failing image is retried alone, so only it fails)."""
+        out: dict[int, Any] = {}
+        missing = []
+        for index in indices:
+            hit = self.feature_cache.get(kind, keys[index][kind]) if keys[index] is not None else None
+            if hit is None:
+                missing.append(index)
+            else:
+                out[index] = hit
+        results = self._batchers[kind].run(_isolating(encode_batch), [images[i] for i in missing])
+        for index, result in zip(missing, results):
+            if isinstance(result, BaseException):
+                errors[index] = result
+                continue
+            out[index] = result
+            if keys[index] is not None:
+                self.feature_cache.put(kind, keys[index][kind], tensor_to_host(result))
+        return out
+
     def cache_keys(self, image_rgb: np.ndarray) -> dict[str, dict[str, Any]]:
         """Feature-cache key dict of each encoder output of this image (kind -> key).
 
@@ -171,31 +261,6 @@ class ZipGenerator(Generator):
             self._weights_ids[stage] = weights_identity(self.facts.get(stage, {}), stage)
         return self._weights_ids[stage]
 
-    def _cached(self, kind: str, keys: dict[str, dict[str, Any]], compute: Callable[[], np.ndarray]) -> np.ndarray:
-        array = self.feature_cache.get(kind, keys[kind])
-        if array is None:
-            array = compute()
-            self.feature_cache.put(kind, keys[kind], array)
-        return array
-
-    def _semantic(self, image_rgb: np.ndarray, keys: dict | None) -> Any:
-        if keys is None:
-            return self.semantic(image_rgb)
-        return self.semantic.from_tokens(self._cached(SEMANTIC_TOKENS, keys, lambda: self.semantic.encode(image_rgb)))
-
-    def _boundary(self, image_rgb: np.ndarray, activation: np.ndarray | None, keys: dict | None) -> Any:
-        if keys is None:
-            return self.boundary(image_rgb, activation)
-        features = self._cached(LAYER3, keys, lambda: self.boundary.encode(image_rgb))
-        return self.boundary.cluster(features, image_rgb.shape[0], image_rgb.shape[1], activation)
-
-    def _sam(self, image_rgb: np.ndarray, boxes_xyxy: np.ndarray, keys: dict | None) -> Any:
-        if keys is None:
-            return self.refiner.refine(image_rgb, boxes_xyxy)
-        embedding = self._cached(SAM_EMBEDDING, keys, lambda: self.refiner.image_embedding(image_rgb))
-        self.refiner.set_embedding(embedding, image_rgb.shape[0], image_rgb.shape[1])
-        return self.refiner.decode_boxes(boxes_xyxy)
-
     # -- stages 3 and 4 ---------------------------------------------------------------------
     def propose(self, semantic: Any, boundary: Any, height: int, width: int) -> Proposals:
         """Stage 3 for every kept class: activated fragments -> instances -> image-pixel boxes."""
@@ -216,12 +281,8 @@ class ZipGenerator(Generator):
             area_cells=tuple(int(r[0].area_cells) for r in rows),
         )
 
-    def _refine(self, image_rgb: np.ndarray, proposals: Proposals, keys: dict | None = None) -> Instances:
-        """Stage 4: SAM masks for all boxes in one call, scores, drop empty masks, mask NMS."""
-        height, width = image_rgb.shape[:2]
-        if len(proposals.boxes_xyxy) == 0:
-            return self._empty(height, width)
-        refined = self._sam(image_rgb, proposals.boxes_xyxy, keys)
+    def _finish(self, height: int, width: int, proposals: Proposals, refined: Any) -> Instances:
+        """Stage 4's CPU part: RLE-encode SAM's masks, scores, drop empty masks, mask NMS."""
         nonempty = refined.masks.reshape(len(refined.masks), -1).any(axis=1)
         rles = masks_to_rles(refined.masks)
         scores = {
@@ -303,6 +364,27 @@ def weights_identity(facts: dict[str, Any], stage: str) -> dict[str, Any]:
         )
     return {"pretrained": str(facts.get("pretrained", "")), "path": weights, "size": st.st_size,
             "mtime_ns": st.st_mtime_ns}
+
+
+def _isolating(encode_batch: Callable[[list[np.ndarray]], list[Any]]) -> Callable[[list[np.ndarray]], list[Any]]:
+    """``encode_batch`` that answers an error in place of a result for an image that fails.
+
+    Out of memory on several images propagates (the batcher halves the batch and retries). Any
+    other error on a batch retries its images one by one, so only the image at fault fails.
+    """
+    def run(batch: list[np.ndarray]) -> list[Any]:
+        try:
+            return list(encode_batch(batch))
+        except Exception as exc:
+            if len(batch) > 1 and default_is_oom(exc):
+                raise
+            if len(batch) == 1:
+                return [exc]
+            log.warning("an encoder failed on a batch of %d images (%s: %s); retrying them one by one",
+                        len(batch), type(exc).__name__, exc)
+        return [item for image in batch for item in run([image])]
+
+    return run
 
 
 def _lap(t0: float) -> float:

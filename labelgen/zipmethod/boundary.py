@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from ..errors import GeneratorError, ValidationError
 from .config import BoundaryConfig
 from .discovery import class_map_to_grid
 from .kmeans import even_init_indices, kmeans, semantic_init_indices
+from .loading import autocast, check_precision
 
 __all__ = [
     "BoundaryResize",
@@ -137,14 +139,13 @@ class BoundaryStage:
             ``ModifiedResNet`` itself). Only its layer3 trunk is kept; put it in eval mode here.
         config: :class:`BoundaryConfig` (resolution, k, iterations, tolerance, init).
         device: torch device of the trunk and of k-means.
-        precision: ``"fp32"`` or ``"bf16"`` (``torch.autocast`` bfloat16 for the backbone; k-means
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (``torch.autocast`` for the backbone; k-means
             always runs on float32 features).
     """
 
     def __init__(self, clip_model: nn.Module, config: BoundaryConfig, *, device: str | torch.device = "cpu",
                  precision: str = "fp32"):
-        if precision not in ("fp32", "bf16"):
-            raise GeneratorError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        check_precision(precision)
         if config.init not in ("even", "semantic"):
             raise GeneratorError(f"boundary.init must be 'even' or 'semantic', got {config.init!r}")
         self.config = config
@@ -165,24 +166,44 @@ class BoundaryStage:
     def encode(self, image_rgb: np.ndarray) -> np.ndarray:
         """The backbone's part: (1, C, grid_height, grid_width) float32 layer3 features of one
         (H, W, 3) uint8 image, on the host. :meth:`cluster` does the rest."""
-        images, _ = resize_for_boundary(image_rgb, self.config.short_side, self.config.max_long_side)
-        return self._features(images).cpu().numpy()
+        return self.encode_batch([image_rgb])[0].cpu().numpy()
 
-    def cluster(self, features: np.ndarray, image_height: int, image_width: int,
+    def encode_batch(self, images_rgb: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """:meth:`encode` for several images: one forward pass per resized size (images that
+        resize alike share one). B tensors (1, C, grid_height, grid_width) float32 on ``self.device``,
+        in input order."""
+        resized = [resize_for_boundary(image, self.config.short_side, self.config.max_long_side)[0]
+                   for image in images_rgb]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, tensor in enumerate(resized):
+            groups.setdefault(tuple(tensor.shape[2:]), []).append(index)
+        features: list[torch.Tensor | None] = [None] * len(resized)
+        for indices in groups.values():
+            batch = self._features(torch.cat([resized[i] for i in indices]))
+            for row, index in enumerate(indices):
+                features[index] = batch[row:row + 1]
+        return features  # type: ignore[return-value]
+
+    def cluster(self, features: np.ndarray | torch.Tensor, image_height: int, image_width: int,
                 activation_map: np.ndarray | None = None) -> BoundaryResult:
-        """K-means on :meth:`encode`'s features of an ``image_height`` x ``image_width`` image.
+        """K-means on :meth:`encode`'s features (host array, or a tensor from :meth:`encode_batch`)
+        of an ``image_height`` x ``image_width`` image.
 
         ``stage.cluster(stage.encode(image), H, W, act)`` equals ``stage(image, act)`` exactly
         (same float32 features, same k-means on ``self.device``).
         """
-        features = np.asarray(features)
-        if features.ndim != 4 or features.shape[0] != 1 or features.dtype != np.float32:
-            raise ValidationError(
-                f"expected (1, C, h, w) float32 layer3 features, got {features.dtype} {features.shape}")
+        if isinstance(features, torch.Tensor):
+            shape, ok = tuple(features.shape), features.dtype == torch.float32
+        else:
+            features = np.asarray(features)
+            shape, ok = features.shape, features.dtype == np.float32
+            features = torch.from_numpy(features)
+        if len(shape) != 4 or shape[0] != 1 or not ok:
+            raise ValidationError(f"expected (1, C, h, w) float32 layer3 features, got {features.dtype} {shape}")
         resized_height, resized_width = _resized_size(image_height, image_width, self.config.short_side,
                                                       self.config.max_long_side)
         resize = BoundaryResize(image_height, image_width, resized_height, resized_width)
-        return self._cluster(torch.from_numpy(features).to(self.device), resize, activation_map)
+        return self._cluster(features.to(self.device), resize, activation_map)
 
     def _cluster(self, features: torch.Tensor, resize: BoundaryResize,
                  activation_map: np.ndarray | None) -> BoundaryResult:
@@ -207,9 +228,8 @@ class BoundaryStage:
         )
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
-        """(1, C, h, w) float32 layer3 features on ``self.device``."""
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
-        with torch.inference_mode(), autocast:
+        """(B, C, h, w) float32 layer3 features of (B, 3, h, w) images, on ``self.device``."""
+        with torch.inference_mode(), autocast(self.device, self.precision):
             features = layer3_features(self.trunk, images.to(self.device))
         if min(features.shape[2:]) < 1:
             raise ValidationError(f"layer3 feature grid is empty ({tuple(features.shape)}); use a larger short_side")

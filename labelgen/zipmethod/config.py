@@ -66,6 +66,7 @@ class ZipConfig:
     boundary: BoundaryConfig = field(default_factory=BoundaryConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     sam: SamConfig = field(default_factory=SamConfig)
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = torch.autocast (2-3x faster on AVX-512 BF16 CPUs)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16 = torch.autocast (bf16: 2-3x faster on
+    # AVX-512 BF16 CPUs; fp16 for GPUs without bf16)
     random_weights: bool = False  # real architectures, random weights: smoke tests only, said loudly
     allow_download: bool = True  # fetch missing official weights when the network allows

@@ -14,6 +14,27 @@ from ..weights import resolve_clip_weights, resolve_sam_checkpoint
 log = logging.getLogger(__name__)
 
 RANDOM_SEED = 0  # random-weight models are seeded so every worker builds the same one
+PRECISIONS = ("fp32", "bf16", "fp16")  # fp32, or torch.autocast to bfloat16 / float16
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(precision: str, where: str = "precision") -> str:
+    """``precision`` when it is one of ``PRECISIONS``; else a ``GeneratorError`` naming them."""
+    if precision not in PRECISIONS:
+        raise GeneratorError(f"{where} must be one of {list(PRECISIONS)}; got {precision!r}")
+    return precision
+
+
+def autocast(device: str | torch.device, precision: str) -> Any:
+    """``torch.autocast`` on ``device``'s type for ``bf16``/``fp16``; disabled for ``fp32``.
+
+    Model outputs under it come in the low precision; the stages cast them back to float32
+    where later steps (k-means, thresholds, scores) need it.
+    """
+    check_precision(precision)
+    device_type = torch.device(device).type
+    dtype = _AUTOCAST_DTYPES.get(precision, torch.bfloat16)
+    return torch.autocast(device_type, dtype=dtype, enabled=precision != "fp32")
 
 
 def check_device(device: str) -> torch.device:

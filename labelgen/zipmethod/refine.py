@@ -49,7 +49,6 @@ SAM_MODEL_TYPES = ("tiny", "vit_b", "vit_h", "vit_l")
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 STABILITY_OFFSET = 1.0  # logit offset of SAM's stability score
-PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,14 +185,15 @@ class SamRefiner:
         sam: a SAM in eval mode (see ``build_sam``); moved to ``device``.
         config: ``SamConfig``; ``multimask_output`` is read here.
         device: torch device string, e.g. ``"cpu"`` or ``"cuda"``.
-        precision: ``"fp32"``, or ``"bf16"`` for ``torch.autocast`` (outputs are float32 either way).
+        precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` for ``torch.autocast`` (outputs are float32 either way).
     """
 
     def __init__(self, sam: "Sam", config: SamConfig, device: str = "cpu", precision: str = "fp32"):
         from segment_anything import SamPredictor
 
-        if precision not in PRECISIONS:
-            raise GeneratorError(f"precision must be one of {list(PRECISIONS)}; got {precision!r}")
+        from .loading import check_precision
+
+        check_precision(precision)
         self.config = config
         self.device = device
         self.precision = precision
@@ -220,17 +220,39 @@ class SamRefiner:
         host: ``(1, C, h, w)`` in the encoder's output dtype; a bfloat16 embedding comes as its
         uint16 bit pattern (numpy has no bfloat16). :meth:`set_embedding` takes it back."""
         self.embed_image(image_rgb)
-        return _tensor_to_numpy(self.predictor.features)
+        return tensor_to_host(self.predictor.features)
 
-    def set_embedding(self, embedding: np.ndarray, image_height: int, image_width: int) -> None:
-        """Put the predictor in the state :meth:`embed_image` leaves for an ``image_height`` x
-        ``image_width`` image whose embedding is ``embedding`` (from :meth:`image_embedding`),
-        without running the image encoder. ``decode_boxes`` then gives the same answer."""
+    def embed_batch(self, images_rgb: "list[np.ndarray]") -> "list[torch.Tensor]":
+        """SAM image embeddings of several images in one image-encoder call: B tensors
+        ``(1, C, h, w)`` on the device, each as :meth:`embed_image` would compute it (resized so
+        the long side is the encoder's input size, normalised, zero-padded to a square).
+        :meth:`set_embedding` takes one back. Leaves the predictor without an image."""
         import torch
 
-        embedding = np.asarray(embedding)
-        if embedding.ndim != 4 or embedding.shape[0] != 1:
-            raise ValidationError(f"expected a (1, C, h, w) SAM image embedding, got shape {embedding.shape}")
+        if not len(images_rgb):
+            return []
+        predictor = self.predictor
+        predictor.reset_image()
+        with self._inference():
+            inputs = []
+            for image in images_rgb:
+                _check_image(image)
+                resized = predictor.transform.apply_image(np.ascontiguousarray(image))
+                pixels = torch.as_tensor(resized, device=predictor.device).permute(2, 0, 1).contiguous()[None]
+                inputs.append(predictor.model.preprocess(pixels))
+            embeddings = predictor.model.image_encoder(torch.cat(inputs))
+        return list(embeddings.split(1))
+
+    def set_embedding(self, embedding: "np.ndarray | torch.Tensor", image_height: int, image_width: int) -> None:
+        """Put the predictor in the state :meth:`embed_image` leaves for an ``image_height`` x
+        ``image_width`` image whose embedding is ``embedding`` (from :meth:`image_embedding` or
+        :meth:`embed_batch`), without running the image encoder. ``decode_boxes`` then gives the
+        same answer."""
+        import torch
+
+        shape = tuple(embedding.shape)
+        if len(shape) != 4 or shape[0] != 1:
+            raise ValidationError(f"expected a (1, C, h, w) SAM image embedding, got shape {shape}")
         if image_height < 1 or image_width < 1:
             raise ValidationError(f"image size must be positive, got {image_height}x{image_width}")
         predictor = self.predictor
@@ -239,7 +261,8 @@ class SamRefiner:
         predictor.input_size = predictor.transform.get_preprocess_shape(
             image_height, image_width, predictor.transform.target_length)
         with torch.inference_mode():
-            predictor.features = _numpy_to_tensor(embedding).to(predictor.device)
+            tensor = embedding if isinstance(embedding, torch.Tensor) else host_to_tensor(np.asarray(embedding))
+            predictor.features = tensor.to(predictor.device)
         predictor.is_image_set = True
 
     def decode_boxes(self, boxes_xyxy: np.ndarray) -> RefineResult:
@@ -282,15 +305,14 @@ class SamRefiner:
     def _inference(self) -> Iterator[None]:
         import torch
 
-        device_type = torch.device(self.device).type
-        with torch.inference_mode(), torch.autocast(
-            device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
-        ):
+        from .loading import autocast
+
+        with torch.inference_mode(), autocast(self.device, self.precision):
             yield
 
 
-def _tensor_to_numpy(tensor: "torch.Tensor") -> np.ndarray:
-    """Host copy; bfloat16 as its uint16 bit pattern (lossless)."""
+def tensor_to_host(tensor: "torch.Tensor") -> np.ndarray:
+    """Host copy of a tensor; bfloat16 as its uint16 bit pattern (lossless; numpy has no bfloat16)."""
     import torch
 
     tensor = tensor.detach().cpu()
@@ -299,8 +321,8 @@ def _tensor_to_numpy(tensor: "torch.Tensor") -> np.ndarray:
     return tensor.numpy()
 
 
-def _numpy_to_tensor(array: np.ndarray) -> "torch.Tensor":
-    """Inverse of :func:`_tensor_to_numpy`: uint16 is read back as bfloat16 bits."""
+def host_to_tensor(array: np.ndarray) -> "torch.Tensor":
+    """Inverse of :func:`tensor_to_host`: uint16 is read back as bfloat16 bits."""
     import torch
 
     if array.dtype == np.uint16:

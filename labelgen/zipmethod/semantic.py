@@ -20,7 +20,6 @@ import math
 import threading
 import weakref
 from collections import OrderedDict
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -31,6 +30,7 @@ from PIL import Image
 
 from ..errors import ConfigError, GeneratorError, ValidationError
 from .config import SemanticConfig
+from .loading import PRECISIONS, autocast
 from .prompts import PROMPT_TEMPLATES
 
 log = logging.getLogger(__name__)
@@ -358,7 +358,7 @@ class SemanticStage:
     """Stage 1 for one image at a time: ``stage(image_rgb) -> SemanticResult``.
 
     ``model``: an open_clip CLIP with a ViT tower, already on ``device`` (put in eval mode
-    here); ``tokenizer``: its open_clip tokenizer; ``precision``: "fp32", or "bf16" for the
+    here); ``tokenizer``: its open_clip tokenizer; ``precision``: "fp32", or "bf16"/"fp16" for the
     image tower under ``torch.autocast`` (text embeddings and the maps stay float32).
     Mean/std come from ``model.visual.preprocess_cfg`` (OpenAI CLIP's when absent). Text
     embeddings are computed once per vocabulary in ``text_cache`` (shareable between stages).
@@ -371,7 +371,7 @@ class SemanticStage:
         config: SemanticConfig,
         *,
         device: str | torch.device = "cpu",
-        precision: Literal["fp32", "bf16"] = "fp32",
+        precision: Literal["fp32", "bf16", "fp16"] = "fp32",
         text_cache: TextEmbeddingCache | None = None,
     ):
         _check_stage_config(model.visual, config, precision)
@@ -391,31 +391,41 @@ class SemanticStage:
 
     def __call__(self, image_rgb: np.ndarray) -> SemanticResult:
         """Maps, probabilities and gated classes of one (H, W, 3) uint8 RGB image."""
-        return self._from_token_tensor(self._encode_tensor(image_rgb))
+        return self.from_tokens(self.encode_batch([image_rgb])[0])
 
     def encode(self, image_rgb: np.ndarray) -> np.ndarray:
         """The image tower's part: (1 + N, D) float32 projected tokens (CLS first, then the N
         patch tokens in raster order) of one (H, W, 3) uint8 RGB image. Vocabulary-independent."""
-        return self._encode_tensor(image_rgb)[0].cpu().numpy()
+        return self.encode_batch([image_rgb])[0].cpu().numpy()
 
-    def from_tokens(self, tokens: np.ndarray) -> SemanticResult:
-        """The vocabulary's part: ``SemanticResult`` from :meth:`encode`'s (1 + N, D) float32 tokens.
+    def encode_batch(self, images_rgb: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """:meth:`encode` for B images in one forward pass (all are squashed to the same square):
+        B tensors (1 + N, D) float32 on ``self.device``."""
+        if not len(images_rgb):
+            return []
+        pixels = torch.cat([preprocess_square(image, self.config.input_size, self.mean, self.std)
+                            for image in images_rgb]).to(self.device)
+        with torch.inference_mode():
+            with autocast(self.device, self.precision):
+                tokens = surgery_forward(self.model.visual, pixels, self.config.surgery_depth,
+                                         new_path_start=self.config.new_path_start)
+            tokens = tokens.float()
+        return list(tokens.unbind(0))
+
+    def from_tokens(self, tokens: np.ndarray | torch.Tensor) -> SemanticResult:
+        """The vocabulary's part: ``SemanticResult`` from :meth:`encode`'s (1 + N, D) float32 tokens
+        (a host array or a tensor from :meth:`encode_batch`).
 
         ``stage.from_tokens(stage.encode(image))`` equals ``stage(image)`` exactly.
         """
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 2 or tokens.dtype != np.float32:
-            raise ValidationError(f"expected (1 + N, D) float32 tokens, got {tokens.dtype} {tokens.shape}")
-        return self._from_token_tensor(torch.from_numpy(tokens).unsqueeze(0).to(self.device))
-
-    def _encode_tensor(self, image_rgb: np.ndarray) -> torch.Tensor:
-        """(1, 1 + N, D) float32 tokens on ``self.device``."""
-        pixels = preprocess_square(image_rgb, self.config.input_size, self.mean, self.std).to(self.device)
-        with torch.inference_mode():
-            with self._autocast():
-                tokens = surgery_forward(self.model.visual, pixels, self.config.surgery_depth,
-                                         new_path_start=self.config.new_path_start)
-            return tokens.float()
+        if not isinstance(tokens, torch.Tensor):
+            tokens = np.asarray(tokens)
+            if tokens.ndim != 2 or tokens.dtype != np.float32:
+                raise ValidationError(f"expected (1 + N, D) float32 tokens, got {tokens.dtype} {tokens.shape}")
+            tokens = torch.from_numpy(tokens)
+        elif tokens.ndim != 2 or tokens.dtype != torch.float32:
+            raise ValidationError(f"expected (1 + N, D) float32 tokens, got {tokens.dtype} {tuple(tokens.shape)}")
+        return self._from_token_tensor(tokens.unsqueeze(0).to(self.device))
 
     def _from_token_tensor(self, tokens: torch.Tensor) -> SemanticResult:
         text, redundant = self.text_cache.get(self.model_key, self.model, self.tokenizer, self.class_names, self.device)
@@ -426,16 +436,11 @@ class SemanticStage:
         kept = gate_classes(probs_np, self.config.class_threshold, self.config.top_k)
         return SemanticResult(class_probs=probs_np, maps=maps.cpu().numpy().astype(np.float32), kept=kept)
 
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
 
 def _check_stage_config(visual: Any, config: SemanticConfig, precision: str) -> None:
     """Raise ConfigError when the config cannot work with this model."""
-    if precision not in ("fp32", "bf16"):
-        raise ConfigError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     layers = len(_vit_blocks(visual))
     if not 0 <= config.surgery_depth <= layers:
         raise ConfigError(f"semantic.surgery_depth must be in [0, {layers}] for {config.model}, got {config.surgery_depth}")
