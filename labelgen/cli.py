@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Ray cluster to use: auto, HOST:PORT or ray://HOST:10001 (implies --backend ray;"
                           " default: start a local Ray runtime)")
     run.add_argument("--cache-dir", help="feature cache folder: encoder outputs are reused across runs")
+    run.add_argument("--batch-size", type=int,
+                     help="images per CLIP/SAM image-encoder call (halved on out-of-memory; default: recipe)")
     run.add_argument("--extend", action="store_true", help="add images new in the source as new shards")
     run.add_argument("--new-run", action="store_true",
                      help="if --out holds a different run, move it to archive/ and start over")
@@ -180,6 +182,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"execution.device={args.device}")
     if args.cache_dir:
         overrides.append(f"execution.cache_dir={json.dumps(args.cache_dir)}")
+    if args.batch_size is not None:
+        overrides.append(f"execution.batch_size={args.batch_size}")
     overrides += _backend_overrides(args.backend, args.ray_address)
     recipe = load_recipe(_resolve_recipe(args.recipe), overrides)
     options = {"extensions": recipe.images.extensions} if args.images_kind in ("auto", "folder") else {}

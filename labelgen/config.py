@@ -66,6 +66,7 @@ class ExecutionConfig:
     devices: tuple[str, ...] = ()  # local backend: worker i uses devices[i % len]; overrides `device`
     cache_dir: str = ""  # feature cache (encoder outputs by image content + model); "" = off
     cache_max_gb: float = 50.0  # feature cache size bound (least recently used entries are evicted)
+    batch_size: int = 1  # images per image-encoder call (CLIP, SAM); halved automatically on out-of-memory
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class Recipe:
         _check_range("store.shard_size", self.store.shard_size, 1, 100_000)
         _check_range("store.compress_level", self.store.compress_level, 1, 9)
         _check_range("execution.workers", self.execution.workers, 1, 1024)
+        _check_range("execution.batch_size", self.execution.batch_size, 1, 4096)
         _check_range("images.max_pixels", self.images.max_pixels, 1, 10**12)
 
     def to_dict(self) -> dict[str, Any]:

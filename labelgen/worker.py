@@ -1,4 +1,4 @@
-"""What one worker process does: load the generator once, then label shards."""
+"""What one worker process does: load the generator once, then label shards (``pipeline``) and commit them."""
 from __future__ import annotations
 
 import collections
@@ -8,12 +8,9 @@ import sys
 import time
 from typing import Any, Callable
 
-from .config import ExecutionConfig, ImagesConfig, Recipe
-from .decode import read_image_rgb
-from .errors import ImageDecodeError, LabelgenError, ValidationError
+from .config import ExecutionConfig, Recipe
 from .generators import GENERATORS, Generator
-from .instances import ImageRecord, Instances
-from .scoring import ScoringConfig, with_combined_score
+from .pipeline import label_images
 from .store import RunStore, ShardSpec, utc_now
 
 log = logging.getLogger(__name__)
@@ -66,40 +63,16 @@ def _limit_torch_threads(execution: ExecutionConfig) -> None:
     torch.set_num_threads(threads)
 
 
-def process_image(generator: Generator, record: ImageRecord, images: ImagesConfig,
-                  scoring: ScoringConfig | None = None, labeler: Any = None) -> dict[str, Any]:
-    """One image -> one shard row. Never raises for a bad image or a generator failure."""
-    try:
-        image, info = read_image_rgb(record.uri, max_pixels=images.max_pixels, compute_sha256=images.compute_sha256)
-    except ImageDecodeError as exc:
-        return _failed_row(record, exc.reason, str(exc))
-    record = record.with_size(info["width"], info["height"], info.get("sha256"))
-    try:
-        instances = generator.generate(image, record)
-        _check_frame(instances, record)
-        if labeler is not None:
-            instances = labeler.label(image, instances)
-        if scoring is not None:
-            instances = with_combined_score(instances, scoring)
-    except LabelgenError as exc:
-        return _failed_row(record, "generator_error", f"{type(exc).__name__}: {exc}")
-    except Exception as exc:  # a model bug or OOM on one image must not abort the run
-        log.exception("generator failed on %s", record.image_id)
-        return _failed_row(record, "generator_error", f"{type(exc).__name__}: {exc}")
-    return {"image": record.to_dict(), "status": "ok", "instances": instances.to_dict()}
-
-
 def process_shard(
     root: str, shard: ShardSpec, recipe: Recipe, on_image: Callable[[int], None] | None = None
 ) -> dict[str, Any]:
     """Label every image of ``shard`` and commit it. Returns the done record."""
     generator, labeler = get_generator(recipe), get_labeler(recipe)
+    if generator.batch_size != recipe.execution.batch_size:
+        generator.batch_size = recipe.execution.batch_size
     started, t0 = utc_now(), time.perf_counter()
-    rows = []
-    for record in shard.images:
-        rows.append(process_image(generator, record, recipe.images, recipe.scoring, labeler))
-        if on_image is not None:
-            on_image(1)
+    rows = label_images(generator, shard.images, recipe.images, scoring=recipe.scoring, labeler=labeler,
+                        batch_size=recipe.execution.batch_size, on_image=on_image)
     summary = _summarize(rows)
     summary.update(
         fingerprint=recipe.fingerprint(),
@@ -121,17 +94,3 @@ def _summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     reasons = collections.Counter(f["reason"] for f in failures)
     return {"images": len(rows), "ok": len(rows) - len(failures), "failed": len(failures),
             "instances": instances, "failures": failures, "failure_reasons": dict(sorted(reasons.items()))}
-
-
-def _failed_row(record: ImageRecord, reason: str, message: str) -> dict[str, Any]:
-    return {"image": record.to_dict(), "status": "failed", "failure": {"reason": reason, "message": message}}
-
-
-def _check_frame(instances: Instances, record: ImageRecord) -> None:
-    if not isinstance(instances, Instances):
-        raise ValidationError(f"generator must return Instances; got {type(instances).__name__}")
-    if (instances.height, instances.width) != (record.height, record.width):
-        raise ValidationError(
-            f"generator returned a {instances.width}x{instances.height} frame for a "
-            f"{record.width}x{record.height} image"
-        )
