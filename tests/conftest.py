@@ -23,7 +23,7 @@ def image_dir(tmp_path):
     return folder
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def coco128_images():
     folder = COCO128 / "images" / "train2017"
     if not folder.is_dir():
