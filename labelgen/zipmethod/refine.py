@@ -240,7 +240,7 @@ class SamRefiner:
                 resized = predictor.transform.apply_image(np.ascontiguousarray(image))
                 pixels = torch.as_tensor(resized, device=predictor.device).permute(2, 0, 1).contiguous()[None]
                 inputs.append(predictor.model.preprocess(pixels))
-            embeddings = predictor.model.image_encoder(torch.cat(inputs))
+            embeddings = _encode_images(predictor.model.image_encoder, torch.cat(inputs))
         return list(embeddings.split(1))
 
     def set_embedding(self, embedding: "np.ndarray | torch.Tensor", image_height: int, image_width: int) -> None:
@@ -309,6 +309,25 @@ class SamRefiner:
 
         with torch.inference_mode(), autocast(self.device, self.precision):
             yield
+
+
+def _encode_images(encoder: "torch.nn.Module", images: "torch.Tensor") -> "torch.Tensor":
+    """SAM's ``ImageEncoderViT`` on a batch, its transformer batched and its neck run per image.
+
+    oneDNN can pick another kernel for a batched 3x3 convolution with few channels (the tiny test
+    SAM's neck), which changes results in the last bits; the neck is a negligible share of the
+    encoder's work, so running it per image keeps a batched embedding bit-identical to a single one.
+    """
+    import torch
+
+    if not all(hasattr(encoder, name) for name in ("patch_embed", "pos_embed", "blocks", "neck")):
+        return encoder(images)  # not segment_anything's ImageEncoderViT layout: run it whole
+    tokens = encoder.patch_embed(images)
+    if encoder.pos_embed is not None:
+        tokens = tokens + encoder.pos_embed
+    for block in encoder.blocks:
+        tokens = block(tokens)
+    return torch.cat([encoder.neck(one) for one in tokens.permute(0, 3, 1, 2).split(1)])
 
 
 def tensor_to_host(tensor: "torch.Tensor") -> np.ndarray:
