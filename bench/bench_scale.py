@@ -9,7 +9,8 @@ Real architectures with RANDOM weights (no weight files needed) on real COCO ima
   the steady-state rate (images after the first one / time since the first one).
 * ``batching``: one in-process generator, ``labelgen.pipeline.label_images`` over the same images at
   each ``--batch-sizes`` value, with the decode/finish overlap on, then batch size 1 with the
-  overlap off. Rows are checked to be identical to batch size 1's.
+  overlap off. Rows are checked to be identical to batch size 1's. ``cpu_side``: the decode and
+  finish (RLE, boxes, NMS) seconds per image that the overlap takes off the model thread.
 
 Rerun (about 12 minutes on 2 CPU cores):
   .venv/bin/python bench/bench_scale.py --recipe recipes/zip-cpu.yaml --images 16
@@ -25,7 +26,6 @@ import os
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +84,27 @@ def bench_batching(recipe_path: Path, overrides: list[str], paths: list[Path], s
         report[name] = {"s_per_image": round(seconds / len(records), 3),
                         "images_per_s": round(len(records) / seconds, 4),
                         "same_as_batch1": same_rows(rows, reference)}
+    report["cpu_side"] = cpu_side(generator, records, recipe.images)
     return report
+
+
+def cpu_side(generator, records: list, images_config) -> dict:
+    """Seconds per image of the work the pipeline takes off the model thread: decoding, and the
+    finishers (RLE encoding, boxes, NMS), each timed alone."""
+    from labelgen.decode import read_image_rgb
+
+    decode_s = finish_s = 0.0
+    for record in records:
+        t0 = time.perf_counter()
+        image, info = read_image_rgb(record.uri, max_pixels=images_config.max_pixels,
+                                     compute_sha256=images_config.compute_sha256)
+        decode_s += time.perf_counter() - t0
+        (finish,) = generator.generate_batch([image], [record.with_size(info["width"], info["height"])])
+        t0 = time.perf_counter()
+        finish()
+        finish_s += time.perf_counter() - t0
+    return {"decode_s_per_image": round(decode_s / len(records), 4),
+            "finish_s_per_image": round(finish_s / len(records), 4)}
 
 
 def same_rows(rows: list[dict], reference: list[dict]) -> bool:

@@ -172,8 +172,25 @@ def _pump(ticks: Any, on_images: Callable[[int], None]) -> None:
 _CLAIMED_DEVICES: dict[str, str] = {}  # per worker process: run id -> the device this process claimed
 
 
+def keep_worker_with_its_models() -> None:
+    """Stop loky from replacing this worker process when its memory grows.
+
+    loky restarts a worker whose RSS has grown by 300 MB since its first job, taking it for a leak.
+    Ours grow on purpose (models load on the first shard, allocator pools grow with image sizes), and a
+    restart reloads every model (tens of seconds, minutes on a GPU box), so the limit is lifted in
+    worker processes. Reads loky's module setting; does nothing if loky no longer has it.
+    """
+    try:
+        from joblib.externals.loky import process_executor
+    except ImportError:
+        return
+    if hasattr(process_executor, "_MAX_MEMORY_LEAK_SIZE"):
+        process_executor._MAX_MEMORY_LEAK_SIZE = 1 << 62
+
+
 def _run_shard_in_worker(setup: _WorkerSetup, shard: ShardSpec, ticks: Any, run_id: str, slots: Any,
                          fallback_device: str) -> tuple[int, dict[str, Any]]:
+    keep_worker_with_its_models()
     if run_id not in _CLAIMED_DEVICES:
         try:
             _CLAIMED_DEVICES[run_id] = slots.get_nowait()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from contextlib import nullcontext
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,6 +27,7 @@ from .errors import ConfigError, GeneratorError, ValidationError
 from .instances import Instances
 from .labeling import LabelerConfig, class_names, class_prompts, instance_crops, with_labels
 from .labeling import preflight as preflight_weights
+from .zipmethod.loading import autocast
 from .zipmethod.prompts import PROMPT_TEMPLATES
 from .zipmethod.semantic import (
     _clip_mean_std,
@@ -160,9 +160,7 @@ class ClipLabeler:
         return features.float()
 
     def _autocast(self):
-        if self.config.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        return autocast(self.device, self.config.precision)
 
     # -- labelling -------------------------------------------------------------------------
     def classify(self, image_features: torch.Tensor) -> np.ndarray:

@@ -53,7 +53,7 @@ class LabelerConfig:
     input_size: int = 224  # each crop is squashed to input_size^2 (bicubic) before CLIP
     batch_size: int = 32  # crops per image-encoder call (1..4096); does not change the result
     use_templates: bool = True  # True: 85-template prompt ensemble per prompt; False: the raw prompt
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = torch.autocast on the image encoder
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16 = torch.autocast on the image encoder
     random_weights: bool = False  # real architecture, random weights: smoke tests only, said loudly
     allow_download: bool = True  # fetch missing official weights when the network allows
 
@@ -64,7 +64,7 @@ class LabelerConfig:
             if not isinstance(value, str) or not value.strip():
                 raise ConfigError(f"labeler.{name}: expected a non-empty string; got {value!r}")
         _check_choice("crop", self.crop, ("box", "masked"))
-        _check_choice("precision", self.precision, ("fp32", "bf16"))
+        _check_choice("precision", self.precision, ("fp32", "bf16", "fp16"))
         if isinstance(self.padding, bool) or not isinstance(self.padding, (int, float)) \
                 or not math.isfinite(self.padding) or not 0.0 <= self.padding <= _MAX_PADDING:
             raise ConfigError(f"labeler.padding: expected a number in [0, {_MAX_PADDING}]; got {self.padding!r}")

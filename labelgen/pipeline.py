@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
@@ -48,16 +49,18 @@ def label_images(
 
     ``batch_size``: images per ``generate_batch`` call. ``overlap``: decode and finish on
     background threads (``False``: all inline, for debugging and benchmarks; same rows).
-    ``on_image(1)`` is called as each row is done.
+    ``on_image(1)`` is called as each row is done (from either thread, never two calls at once).
     """
     if batch_size < 1:
         raise ValidationError(f"batch_size must be >= 1, got {batch_size}")
     rows: list[Row | None] = [None] * len(records)
+    lock = threading.Lock()  # rows are done on two threads; on_image is never called concurrently
 
     def done(index: int, row: Row) -> None:
-        rows[index] = row
-        if on_image is not None:
-            on_image(1)
+        with lock:
+            rows[index] = row
+            if on_image is not None:
+                on_image(1)
 
     finish = _Finisher(labeler, scoring, done)
     with _pool(overlap, "labelgen-decode") as decode_pool, _pool(overlap, "labelgen-finish") as finish_pool:

@@ -197,7 +197,7 @@ def test_config_round_trips_pickles_and_hashes():
         ({"classes": {"cat": [], "kitty": ["cat"]}}, "prompt 'cat' is listed under both 'cat' and 'kitty'"),
         ({"classes": {"dog": ["dog", "dog"]}}, "prompt 'dog' is listed twice"),
         ({"crop": "mask"}, "labeler.crop: expected one of ['box', 'masked']"),
-        ({"precision": "fp16"}, "labeler.precision: expected one of"),
+        ({"precision": "fp8"}, "labeler.precision: expected one of"),
         ({"padding": -0.1}, "labeler.padding: expected a number in [0, 5.0]"),
         ({"padding": "big"}, "labeler.padding: expected a number"),
         ({"input_size": 8}, "labeler.input_size: expected an integer in [16, 4096]"),

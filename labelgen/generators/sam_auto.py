@@ -63,7 +63,7 @@ class SamAutoConfig:
     crop_overlap_ratio: float = 512 / 1500  # [0, 1); crop overlap as a fraction of the image side (layer 1)
     crop_n_points_downscale_factor: int = 1  # >= 1; layer i uses points_per_side / factor^i points per side
     min_mask_region_area: int = 0  # >= 0; > 0 removes holes and islands smaller than this (pixels, opencv)
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = torch.autocast; SAM's outputs are cast back to fp32
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16 = torch.autocast; outputs cast back to fp32
     random_weights: bool = False  # real architecture, random weights: smoke tests only, said loudly
     allow_download: bool = True  # fetch the missing official checkpoint when the network allows
 
@@ -186,10 +186,9 @@ class SamAutoGenerator(Generator):
     def _inference(self) -> Iterator[None]:
         import torch
 
-        device_type = self.mask_generator.predictor.device.type
-        with torch.inference_mode(), torch.autocast(
-            device_type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"
-        ):
+        from ..zipmethod.loading import autocast
+
+        with torch.inference_mode(), autocast(self.mask_generator.predictor.device, self.config.precision):
             yield
 
 
