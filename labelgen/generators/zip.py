@@ -41,7 +41,7 @@ from .base import Generator, failed
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when what an encoder entry holds changes
+CACHE_FORMAT = 2  # bump when what an encoder entry holds changes (2: batch-first ViT blocks)
 SEMANTIC_TOKENS, LAYER3, SAM_EMBEDDING = "clip_surgery_tokens", "clip_layer3", "sam_embedding"
 SCORE_COLUMNS = ("confidence", "clip_class_prob", "sam_predicted_iou", "sam_stability_score",
                  "activated_fraction", "extent")
