@@ -315,3 +315,35 @@ def test_batch_size_through_the_cli(tmp_path, coco128_images):
     assert list(RunStore(tmp_path / "one").iter_rows()) == list(RunStore(tmp_path / "three").iter_rows())
     assert main(base + ["--out", str(tmp_path / "zero"), "--batch-size", "0"]) == 2
     assert not (tmp_path / "zero").exists()
+
+
+def test_sam_decoder_out_of_memory_splits_the_boxes(fresh, batch, monkeypatch, caplog):
+    images, records = batch
+    refiner = fresh.refiner
+    boxes = np.array([[0, 0, 200, 150], [100, 80, 400, 300], [300, 200, 640, 480], [10, 300, 250, 470],
+                      [50, 50, 120, 90]], np.float32)
+    refiner.embed_image(images[0])
+    whole = refiner.decode_boxes(boxes)
+    calls = []
+    real = refiner.predictor.predict_torch
+
+    def predict_torch(*args, boxes, **kwargs):
+        calls.append(len(boxes))
+        if len(boxes) > 2:
+            raise RuntimeError(OOM)
+        return real(*args, boxes=boxes, **kwargs)
+
+    monkeypatch.setattr(refiner.predictor, "predict_torch", predict_torch)
+    try:
+        with caplog.at_level(logging.WARNING, logger="labelgen.oom"):
+            split = refiner.decode_boxes(boxes)
+        assert calls[:2] == [5, 2] and max(calls[1:]) <= 2 and sum(calls[1:]) == 5
+        assert "out of memory on a batch of 5" in caplog.text
+        np.testing.assert_array_equal(split.masks, whole.masks)
+        np.testing.assert_allclose(split.predicted_iou, whole.predicted_iou, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(split.stability_score, whole.stability_score, rtol=1e-5, atol=1e-6)
+        calls.clear()
+        refiner.decode_boxes(boxes[:3])  # the smaller size is kept
+        assert calls == [2, 1]
+    finally:
+        refiner.box_batcher = type(refiner.box_batcher)(refiner.box_batcher.batch_size)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from ..errors import GeneratorError, ValidationError, WeightsNotFoundError
+from ..oom import AdaptiveBatcher
 from .config import SamConfig
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ SAM_MODEL_TYPES = ("tiny", "vit_b", "vit_h", "vit_l")
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 STABILITY_OFFSET = 1.0  # logit offset of SAM's stability score
+MAX_BOXES_PER_CALL = 4096  # prompt boxes per mask-decoder call until one runs out of memory
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,6 +80,21 @@ class RefineResult:
 
     def __len__(self) -> int:
         return int(self.masks.shape[0])
+
+    def split(self) -> list["RefineResult"]:
+        """One single-box ``RefineResult`` per box."""
+        return [RefineResult(self.masks[i:i + 1], self.predicted_iou[i:i + 1], self.stability_score[i:i + 1],
+                             self.mask_choice[i:i + 1]) for i in range(len(self))]
+
+    @classmethod
+    def concatenate(cls, parts: "list[RefineResult]", height: int, width: int) -> "RefineResult":
+        """The boxes of ``parts`` in order, as one result."""
+        if not parts:
+            return cls.empty(height, width)
+        return cls(masks=np.concatenate([p.masks for p in parts]),
+                   predicted_iou=np.concatenate([p.predicted_iou for p in parts]),
+                   stability_score=np.concatenate([p.stability_score for p in parts]),
+                   mask_choice=np.concatenate([p.mask_choice for p in parts]))
 
 
 def zip_confidence(clip_class_prob: np.ndarray, sam_predicted_iou: np.ndarray) -> np.ndarray:
@@ -198,6 +215,8 @@ class SamRefiner:
         self.device = device
         self.precision = precision
         self.predictor = SamPredictor(sam.eval().to(device))
+        # boxes per decoder call: all of an image's at once, halved for good on out-of-memory
+        self.box_batcher = AdaptiveBatcher(MAX_BOXES_PER_CALL)
 
     def refine(self, image_rgb: np.ndarray, boxes_xyxy: np.ndarray) -> RefineResult:
         """Masks for ``boxes_xyxy`` (``(N, 4)`` float32 XYXY absolute pixels) on ``image_rgb``
@@ -266,15 +285,21 @@ class SamRefiner:
         predictor.is_image_set = True
 
     def decode_boxes(self, boxes_xyxy: np.ndarray) -> RefineResult:
-        """All boxes through the mask decoder in one batched call, on the embedded image."""
-        import torch
-
+        """All boxes through the mask decoder in one batched call, on the embedded image (in chunks
+        only after a call ran out of memory: see ``box_batcher``)."""
         if not self.predictor.is_image_set:
             raise GeneratorError("decode_boxes needs an image embedding; call embed_image(image_rgb) first")
         height, width = self.predictor.original_size
         boxes = _check_boxes(boxes_xyxy)
         if len(boxes) == 0:
             return RefineResult.empty(height, width)
+        parts = self.box_batcher.run(lambda chunk: self._decode(np.stack(chunk)).split(), list(boxes))
+        return RefineResult.concatenate(parts, height, width)
+
+    def _decode(self, boxes: np.ndarray) -> RefineResult:
+        import torch
+
+        height, width = self.predictor.original_size
         with self._inference():
             boxes_t = torch.as_tensor(boxes, dtype=torch.float32, device=self.predictor.device)
             logits, iou_predictions, _ = self.predictor.predict_torch(
