@@ -156,6 +156,7 @@ class ZipGenerator(Generator):
         features = self._encode(LAYER3, active, images, keys, self.boundary.encode_batch, errors)
         boundary = self._each(features, errors, lambda i: self.boundary.cluster(
             features[i], *images[i].shape[:2], self._activation(semantic[i])))
+        features.clear()  # layer3 maps are large (~90 MB per image at the paper's 2048 px): free them before SAM
         timings["boundary"] = _lap(t0)
         t0 = time.perf_counter()
         proposals = self._each(boundary, errors, lambda i: self.propose(semantic[i], boundary[i], *images[i].shape[:2]))
