@@ -26,6 +26,7 @@ from .config import ImagesConfig
 from .decode import read_image_rgb
 from .errors import ImageDecodeError, LabelgenError, ValidationError
 from .generators import Generator
+from .generators.base import failed
 from .instances import ImageRecord, Instances
 from .scoring import ScoringConfig, with_combined_score
 
@@ -88,13 +89,7 @@ def _model_work(generator: Generator, images_rgb: Sequence[np.ndarray],
         return finishers
     except Exception as exc:
         log.exception("generate_batch failed on a batch of %d images", len(records))
-        return [_raiser(exc)] * len(records)
-
-
-def _raiser(exc: BaseException) -> Callable[[], Instances]:
-    def finish() -> Instances:
-        raise exc
-    return finish
+        return [failed(exc)] * len(records)
 
 
 class _Finisher:
