@@ -62,9 +62,21 @@ def write_bytes_atomic(path: Path, data: bytes, what: str) -> None:
         handle.write(data)
 
 
+def json_bytes(obj: Any, **options: Any) -> bytes:
+    """``json.dumps(obj, sort_keys=True, **options)`` as UTF-8, readable where it can be.
+
+    Text is written unescaped, except where it holds lone surrogates (file names that are
+    not UTF-8, decoded with ``surrogateescape``): those are written ``\\udcff``-escaped,
+    which ``json.loads`` turns back into the same string, so such ids round-trip.
+    """
+    try:
+        return json.dumps(obj, sort_keys=True, ensure_ascii=False, **options).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, sort_keys=True, ensure_ascii=True, **options).encode("ascii")
+
+
 def write_json_atomic(path: Path, obj: Any, what: str) -> None:
-    text = json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
-    write_bytes_atomic(path, text.encode("utf-8"), what)
+    write_bytes_atomic(path, json_bytes(obj, indent=1) + b"\n", what)
 
 
 def write_jsonl_gz_atomic(path: Path, rows: list[dict], what: str, level: int = 6) -> None:
@@ -72,7 +84,7 @@ def write_jsonl_gz_atomic(path: Path, rows: list[dict], what: str, level: int = 
     with atomic_file(path, what) as handle:
         with gzip.GzipFile(filename="", mode="wb", fileobj=handle, compresslevel=level, mtime=0) as gz:
             for row in rows:
-                gz.write(json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+                gz.write(json_bytes(row, separators=(",", ":")))
                 gz.write(b"\n")
 
 
