@@ -7,17 +7,20 @@ the plan and the done records in the run directory say what is left.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import ipaddress
 import logging
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 import traceback
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from .config import ExecutionConfig, Recipe, recipe_from_dict
 from .errors import ConfigError, GeneratorError, RunStoreError
@@ -137,11 +140,16 @@ class LocalBackend:
 
 def _execute_loky(work: ShardWork, devices: list[str]) -> None:
     import multiprocessing
+    from multiprocessing.managers import SyncManager
 
     from joblib import Parallel, delayed
 
     setup, run_id = _WorkerSetup.of(work), uuid.uuid4().hex
-    with multiprocessing.Manager() as manager:
+    # spawn, not fork: a forked Manager would inherit the run lock's descriptor and keep the run
+    # locked after a kill -9 of the driver; and it exits on its own when the driver dies.
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=exit_with_parent)
+    with manager:
         ticks, slots = manager.Queue(), manager.Queue()
         for device in devices:
             slots.put(device)
@@ -188,8 +196,32 @@ def keep_worker_with_its_models() -> None:
         process_executor._MAX_MEMORY_LEAK_SIZE = 1 << 62
 
 
+_WATCHING_PARENT: list[int] = []  # per process: the parent pid a watchdog thread is watching
+
+
+def exit_with_parent(poll_seconds: float = 0.5) -> None:
+    """Start (once per process) a daemon thread that ends this process when its parent dies.
+
+    Helper processes (the Manager, loky workers) would otherwise outlive a driver killed with
+    kill -9 and keep labelling, or holding resources, for a run nobody owns any more. The parent
+    is the process that started this one; when it dies this process is re-parented (to init or
+    a subreaper), which ``os.getppid()`` shows."""
+    if _WATCHING_PARENT:
+        return
+    parent = os.getppid()
+    _WATCHING_PARENT.append(parent)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os._exit(70)  # the driver is gone: nothing this process does can be committed by it any more
+
+    threading.Thread(target=watch, name="labelgen-parent-watch", daemon=True).start()
+
+
 def _run_shard_in_worker(setup: _WorkerSetup, shard: ShardSpec, ticks: Any, run_id: str, slots: Any,
                          fallback_device: str) -> tuple[int, dict[str, Any]]:
+    exit_with_parent()
     keep_worker_with_its_models()
     if run_id not in _CLAIMED_DEVICES:
         try:
@@ -246,14 +278,69 @@ class RayBackend:
                 ray.init(address=self.address)
             else:
                 num_cpus, _, _ = ray_actor_resources(execution)
-                cpus = max(os.cpu_count() or 1, int(execution.workers * num_cpus))
-                ray.init(address="local", num_cpus=cpus, include_dashboard=False)
+                start_local_ray(ray, max(os.cpu_count() or 1, int(execution.workers * num_cpus)))
         except (ConnectionError, TimeoutError, RuntimeError, ValueError, RayError) as exc:
             where = f"the Ray cluster at {self.address!r}" if self.address else "a local Ray runtime"
             raise ConfigError(f"execution.backend=ray: cannot start or reach {where}: {exc}. Check"
                               " execution.ray_address (--ray-address), or leave it empty to start a local"
                               " runtime") from exc
         return True
+
+
+# Ray's own switch between a cluster node (its processes listen on every interface, the node is
+# reachable by its LAN address) and a single-machine runtime (node IP 127.0.0.1: gcs_server,
+# raylet, agents and workers listen on loopback only). Ray reads it at import and in child processes.
+_RAY_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+LOOPBACK = "127.0.0.1"
+
+
+def start_local_ray(ray: Any, num_cpus: int, **options: Any) -> None:
+    """Start a private Ray runtime on this machine that listens on loopback only, and connect to it.
+
+    Ray has no network authentication by default, so nothing of a private runtime may be reachable
+    from other machines: the node IP is 127.0.0.1 (every gRPC server, the agents and the workers
+    bind it), the dashboard is off (its helper processes bind localhost). ``options`` go to
+    ``ray.init``. Raises ``ConfigError`` (after shutting Ray down) when Ray picked another address.
+    """
+    options = {"include_dashboard": False, "dashboard_host": LOOPBACK, **options}
+    with _ray_loopback_only():
+        ray.init(address="local", num_cpus=num_cpus, _node_ip_address=LOOPBACK, **options)
+    node_ip = ray.util.get_node_ip_address()
+    if not _is_loopback(node_ip):
+        ray.shutdown()
+        raise ConfigError(f"execution.backend=ray: the local Ray runtime came up on {node_ip}, not on loopback"
+                          f" ({LOOPBACK}), so it would be reachable from the network; refusing to run on it. Use"
+                          " --backend local, or start a cluster yourself (ray start) and pass --ray-address")
+
+
+@contextlib.contextmanager
+def _ray_loopback_only() -> Iterator[None]:
+    """While Ray starts: its single-machine mode (node IP 127.0.0.1), in this process (Ray's constant
+    is read at ``import ray``, which may have happened already) and in the processes it starts.
+    Restored afterwards, so that joining a cluster later from this process still works."""
+    constants = getattr(getattr(sys.modules.get("ray"), "_private", None), "ray_constants", None)
+    saved_env, saved_flag = os.environ.get(_RAY_LOCAL_ONLY_ENV), getattr(constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[_RAY_LOCAL_ONLY_ENV] = "0"
+    if saved_flag is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop(_RAY_LOCAL_ONLY_ENV, None)
+        else:
+            os.environ[_RAY_LOCAL_ONLY_ENV] = saved_env
+        if saved_flag is not None:
+            constants.ENABLE_RAY_CLUSTER = saved_flag
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or bool(mapped and mapped.is_loopback)
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:

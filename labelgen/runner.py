@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 from .atomic import store_write_error
 from .backends import ShardWork, backend_for
 from .config import Recipe
-from .errors import GeneratorError, RunStoreError, StoreWriteError, WeightsNotFoundError
+from .errors import GeneratorError, LabelgenError, RunStoreError, StoreWriteError, WeightsNotFoundError
 from .generators import GENERATORS
 from .labeling import preflight as labeler_preflight
 from .sources import ImageSource
@@ -40,6 +40,7 @@ class RunResult:
     shards_failed: list[int] = field(default_factory=list)
     images_added: int = 0
     failures: int = 0
+    shards_corrupt: list[int] = field(default_factory=list)  # failed verification: moved to corrupt/, redone
 
 
 def run(
@@ -62,9 +63,12 @@ def run(
     _make_root(store.root)
     with store.locked():
         store.cleanup_temps()
+        if store.exists() and not new_run:
+            store.recover_plan()
         added = _prepare(store, recipe, source, extend=extend, new_run=new_run)
-        plan = store.plan_summary(recipe.fingerprint())
-        result = RunResult(store.root, plan.shards, plan.shards - len(plan.pending), 0, images_added=added)
+        plan = _verified_plan(store, recipe.fingerprint())
+        result = RunResult(store.root, plan.shards, plan.shards - len(plan.pending), 0, images_added=added,
+                           shards_corrupt=[index for index, _ in plan.corrupt])
         if plan.pending:
             if not checked:
                 _preflight(generator_cls, recipe)
@@ -78,6 +82,17 @@ def run(
             backend_for(recipe.execution).execute(work)
         result.failures = store.write_failures_ledger()
     return result
+
+
+def _verified_plan(store: RunStore, fingerprint: str) -> Any:
+    """Which shards are left, after re-hashing every committed one: a shard that does not verify is
+    moved to ``RUN_DIR/corrupt/`` (named in a warning) and counts as pending, so it is redone."""
+    plan = store.plan_summary(fingerprint, verify=True)
+    shards = {shard.index: shard for shard in store.iter_pending({index for index, _ in plan.corrupt})}
+    for index, problem in plan.corrupt:
+        moved = store.quarantine(shards[index], problem)
+        log.warning("shard %06d does not verify (%s): moved to %s; it will be redone", index, problem, moved)
+    return plan
 
 
 def _preflight(generator_cls: Any, recipe: Recipe) -> None:
@@ -107,9 +122,23 @@ def _prepare(store: RunStore, recipe: Recipe, source: ImageSource, *, extend: bo
         return len(records)
     store.check_same_run(recipe, spec)
     if not extend:
+        _hint_new_images(store, source)
         return 0
     added = store.extend(source.list_records(), recipe.store.shard_size, recipe.fingerprint())
     return sum(len(s.images) for s in added)
+
+
+def _hint_new_images(store: RunStore, source: ImageSource) -> None:
+    """One warning when the source holds images the frozen plan does not (they need ``--extend``)."""
+    try:
+        listed = {record.image_id for record in source.list_records()}
+    except LabelgenError:  # the source cannot be listed now; resuming committed work still can
+        return
+    for shard in store.iter_plan():
+        listed.difference_update(record.image_id for record in shard.images)
+    if listed:
+        log.warning("%d images in the source are not in this run's plan and will not be labelled;"
+                    " rerun with --extend to add them", len(listed))
 
 
 def _run_shard(root: str, shard: ShardSpec, recipe: Recipe, on_image: Callable[[int], None]) -> dict[str, Any]:

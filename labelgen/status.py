@@ -13,16 +13,18 @@ def run_status(root: str | Path, verify: bool = False) -> dict[str, Any]:
     """Counts of shards, images, instances and failures; throughput from the done records."""
     store = RunStore(root)
     manifest = store.manifest()
-    done, failed_shards, reasons = [], [], collections.Counter()
+    done, failed_shards, corrupt, reasons = [], [], [], collections.Counter()
     total_shards = planned_images = 0
     for shard in store.iter_plan():
         total_shards += 1
         planned_images += len(shard.images)
-        record = store.done_record(shard, manifest["fingerprint"], verify=verify)
-        if record is not None:
-            record.pop("failures", None)  # keep memory flat: only counts are needed
+        state = store.shard_state(shard, manifest["fingerprint"], verify=verify)
+        if state.record is not None:
+            record = {k: v for k, v in state.record.items() if k != "failures"}  # flat memory: counts only
             done.append(record)
             reasons.update(record.get("failure_reasons", {}))
+        elif state.state == "corrupt":
+            corrupt.append({"shard": shard.index, "problem": state.problem})
         elif store.shard_error_record(shard.index) is not None:
             failed_shards.append(shard.index)
     return {
@@ -30,8 +32,11 @@ def run_status(root: str | Path, verify: bool = False) -> dict[str, Any]:
         "run_id": manifest.get("run_id"),
         "generator": manifest.get("generator"),
         "created": manifest.get("created"),
-        "shards": {"total": total_shards, "done": len(done), "failed": len(failed_shards),
-                   "pending": total_shards - len(done) - len(failed_shards), "failed_indices": failed_shards},
+        "shards": {"total": total_shards, "done": len(done), "failed": len(failed_shards), "corrupt": len(corrupt),
+                   "pending": total_shards - len(done) - len(failed_shards) - len(corrupt),
+                   "failed_indices": failed_shards},
+        "corrupt": corrupt,
+        "verified": verify,
         "images": {"planned": planned_images, "done": sum(d["images"] for d in done),
                    "ok": sum(d["ok"] for d in done), "failed": sum(d["failed"] for d in done)},
         "instances": sum(d["instances"] for d in done),
@@ -64,13 +69,21 @@ def format_status(status: dict[str, Any]) -> str:
     shards, images, tp = status["shards"], status["images"], status["throughput"]
     lines = [
         f"run       {status['run_dir']}  (id {status['run_id']}, generator {status['generator']})",
-        f"shards    {shards['done']} done, {shards['pending']} pending, {shards['failed']} failed, of {shards['total']}",
+        f"shards    {shards['done']} done, {shards['pending']} pending, {shards['failed']} failed,"
+        + (f" {shards['corrupt']} CORRUPT," if shards.get("corrupt") else "") + f" of {shards['total']}",
         f"images    {images['done']} of {images['planned']} processed: {images['ok']} labelled, {images['failed']} failed",
         f"instances {status['instances']}"
         + (f"  ({status['instances'] / images['ok']:.2f} per labelled image)" if images["ok"] else ""),
     ]
     if status["failures_by_reason"]:
         lines.append("failures  " + ", ".join(f"{r}: {n}" for r, n in status["failures_by_reason"].items()))
+    if status.get("verified"):
+        lines.append(f"verified  {shards['done']} committed shards re-hashed: "
+                     + (f"{shards['corrupt']} do not verify" if shards.get("corrupt") else "all verify"))
+    for item in status.get("corrupt", [])[:20]:
+        lines.append(f"CORRUPT   shard {item['shard']:06d}: {item['problem']}")
+    if status.get("corrupt"):
+        lines.append("          `labelgen run` with the same command moves corrupt shards to corrupt/ and redoes them")
     if shards["failed_indices"]:
         lines.append(f"failed shards (see shards/NNNNNN.error.json): {shards['failed_indices'][:20]}")
     if status.get("random_weights"):

@@ -12,16 +12,25 @@ Layout (the contract is ``docs/run-directory.md``)::
       failures.jsonl    ledger of per-image failures, rebuilt from the done records
       .lock             held (flock) by the one process running the plan
       archive/RUN_ID/   an earlier run moved aside by --new-run
+      corrupt/          committed files that failed verification, moved aside (their shards are redone)
+
+Every committed file is checksummed where it cannot be edited with it: ``run.json`` seals itself and
+holds the sha256 of ``config.yaml`` and of ``plan.jsonl``; each done record seals itself and holds
+its output's sha256 and size. Readers verify; see ``docs/run-directory.md``.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
 import fcntl
+import gzip
 import hashlib
+import io
 import itertools
 import json
+import logging
 import os
+import stat
 import secrets
 import shutil
 import socket
@@ -33,7 +42,7 @@ import yaml
 
 from .atomic import (
     atomic_file,
-    read_jsonl_gz,
+    fsync_dir,
     remove_stale_temps,
     sha256_file,
     store_write_error,
@@ -42,13 +51,40 @@ from .atomic import (
     write_jsonl_gz_atomic,
 )
 from .config import IDENTITY_SECTIONS, Recipe, canonical_json, config_diff
-from .errors import ConfigMismatchError, RunLockedError, RunStoreError
+from .errors import ConfigMismatchError, CorruptRunError, RunLockedError, RunStoreError
 from .instances import ImageRecord
 from .versions import library_versions
 
-RUN_FORMAT = "labelgen-run/1"
+log = logging.getLogger(__name__)
+
+RUN_FORMAT = "labelgen-run/2"
+LEGACY_RUN_FORMAT = "labelgen-run/1"  # no checksums: read as before, never written
 PLAN_FORMAT = "labelgen-plan/1"
-DONE_FORMAT = "labelgen-shard-done/1"
+DONE_FORMAT = "labelgen-shard-done/2"
+LEGACY_DONE_FORMAT = "labelgen-shard-done/1"
+SEAL_KEY = "checksum"
+
+
+def seal(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with ``checksum``: the sha256 of its canonical JSON without that key."""
+    body = {k: v for k, v in record.items() if k != SEAL_KEY}
+    return {**body, SEAL_KEY: hashlib.sha256(canonical_json(body).encode()).hexdigest()}
+
+
+def is_sealed(record: Any) -> bool:
+    """True iff ``record`` is a dict whose ``checksum`` matches its other keys."""
+    return isinstance(record, dict) and isinstance(record.get(SEAL_KEY), str) and seal(record) == record
+
+
+@dataclass(frozen=True)
+class ShardState:
+    """What the store knows of one plan entry: ``done`` (``record`` is its done record), ``pending``
+    (never committed, or a commit that did not finish) or ``corrupt`` (``problem`` says which file
+    does not verify and how)."""
+
+    state: str
+    record: dict | None = None
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,8 +117,9 @@ class ShardSpec:
 class PlanSummary:
     shards: int = 0
     images: int = 0
-    pending: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)  # includes corrupt shards: they are redone
     pending_images: int = 0
+    corrupt: list[tuple[int, str]] = field(default_factory=list)  # (shard index, problem)
 
 
 def plan_shards(records: Sequence[ImageRecord], shard_size: int, first_index: int = 0) -> list[ShardSpec]:
@@ -105,6 +142,8 @@ class RunStore:
         self.run_json = self.root / "run.json"
         self.config_yaml = self.root / "config.yaml"
         self.plan_jsonl = self.root / "plan.jsonl"
+        self.plan_next = self.root / "plan.jsonl.next"  # a longer plan while --extend commits it
+        self.corrupt_dir = self.root / "corrupt"
         self.shards_dir = self.root / "shards"
         self.failures_jsonl = self.root / "failures.jsonl"
         self.lock_path = self.root / ".lock"
@@ -113,7 +152,16 @@ class RunStore:
     # -- lock -------------------------------------------------------------------------
     def acquire_lock(self) -> None:
         """Take the run's exclusive lock or raise ``RunLockedError`` naming the holder."""
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a planted symlink; not inherited by exec'd children (O_CLOEXEC)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        except OSError as exc:
+            raise RunStoreError(
+                f"cannot open the run lock {self.lock_path}: {exc.strerror or exc}; expected a regular file"
+                " (a symlink there is refused). Remove it and rerun."
+            ) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RunStoreError(f"the run lock {self.lock_path} is not a regular file; remove it and rerun")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -146,35 +194,76 @@ class RunStore:
         return self.run_json.is_file()
 
     def manifest(self) -> dict[str, Any]:
+        """``run.json``, verified against its own checksum (``CorruptRunError`` if it does not)."""
         try:
-            return json.loads(self.run_json.read_text(encoding="utf-8"))
+            manifest = json.loads(self.run_json.read_bytes())
         except FileNotFoundError:
             raise RunStoreError(f"{self.root} is not a labelgen run directory (no run.json)") from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise RunStoreError(f"{self.run_json} is unreadable or corrupt: {exc}") from None
+        except OSError as exc:
+            raise RunStoreError(f"{self.run_json} is unreadable: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise CorruptRunError(f"{self.run_json} is corrupt (not valid JSON: {exc}). {_RESTORE}") from None
+        if not isinstance(manifest, dict):
+            raise CorruptRunError(f"{self.run_json} is corrupt (not a JSON object). {_RESTORE}")
+        if manifest.get("format") == LEGACY_RUN_FORMAT and SEAL_KEY not in manifest:
+            return manifest  # a run made before checksums: nothing to verify it against
+        if manifest.get("format") != RUN_FORMAT and SEAL_KEY not in manifest:
+            raise RunStoreError(f"{self.run_json}: format {manifest.get('format')!r}; this labelgen reads"
+                                f" {RUN_FORMAT!r} (and {LEGACY_RUN_FORMAT!r})")
+        if not is_sealed(manifest):
+            raise CorruptRunError(f"{self.run_json} does not match its own checksum: it was altered or damaged"
+                                  f" after it was written. {_RESTORE}")
+        return manifest
+
+    def is_legacy(self) -> bool:
+        """A run made before checksums (``labelgen-run/1``): readers cannot verify it."""
+        return self.manifest().get("format") == LEGACY_RUN_FORMAT
 
     def stored_config(self) -> dict[str, Any]:
-        with open(self.config_yaml, encoding="utf-8") as handle:
-            return yaml.safe_load(handle)
+        """``config.yaml``, verified against the sha256 that ``run.json`` holds for it."""
+        expected = self.manifest().get("config_sha256")
+        try:
+            data = self.config_yaml.read_bytes()
+        except OSError as exc:
+            raise CorruptRunError(f"{self.config_yaml} is unreadable: {exc.strerror or exc}. {_RESTORE}") from None
+        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+            raise CorruptRunError(f"{self.config_yaml} does not match the sha256 recorded in run.json: it was"
+                                  f" altered or damaged. {_RESTORE}")
+        try:
+            config = yaml.safe_load(data.decode("utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise CorruptRunError(f"{self.config_yaml} is not readable YAML ({exc}). {_RESTORE}") from None
+        if not isinstance(config, dict):
+            raise CorruptRunError(f"{self.config_yaml} is not a YAML mapping. {_RESTORE}")
+        return config
 
     def initialize(self, recipe: Recipe, source_spec: dict[str, Any], records: Sequence[ImageRecord]) -> None:
         """Create a new run: config, plan, then run.json last (its presence marks a complete init)."""
         if any(self.shards_dir.glob("*.done.json")):
             raise RunStoreError(f"{self.root} has committed shards but no run.json; refusing to overwrite them")
-        self._make_dirs()
-        write_bytes_atomic(self.config_yaml, yaml.safe_dump(recipe.to_dict(), sort_keys=False).encode(), "config")
-        self._write_plan(plan_shards(records, recipe.store.shard_size), recipe.fingerprint())
-        manifest = {
-            "format": RUN_FORMAT,
-            "run_id": f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}",
-            "created": utc_now(),
+        config = yaml.safe_dump(recipe.to_dict(), sort_keys=False).encode()
+        self._initialize(config, plan_shards(records, recipe.store.shard_size), {
             "fingerprint": recipe.fingerprint(),
             "generator": recipe.generator.name,
             "class_names": None if recipe.class_names() is None else list(recipe.class_names()),
             "source": source_spec,
+        })
+
+    def _initialize(self, config_yaml: bytes, shards: Sequence[ShardSpec], identity: dict[str, Any]) -> None:
+        """config.yaml, plan.jsonl, then run.json (sealed, holding both files' sha256) last."""
+        self._make_dirs()
+        write_bytes_atomic(self.config_yaml, config_yaml, "config")
+        plan = self._write_plan(self.plan_jsonl, shards, identity["fingerprint"])
+        manifest = {
+            "format": RUN_FORMAT,
+            "run_id": f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}",
+            "created": utc_now(),
+            **identity,
             "versions": library_versions(),
+            "config_sha256": hashlib.sha256(config_yaml).hexdigest(),
+            "plan": plan,
         }
-        write_json_atomic(self.run_json, manifest, "run manifest")
+        write_json_atomic(self.run_json, seal(manifest), "run manifest")
 
     def initialize_import(self, spec: dict[str, Any], class_names: Sequence[str],
                           records: Sequence[ImageRecord], shard_size: int) -> None:
@@ -185,28 +274,15 @@ class RunStore:
         identity = {"generator": {"name": "import"}, "source": spec, "class_names": list(class_names),
                     "store": {"shard_size": shard_size, "compress_level": 6}}
         fingerprint = hashlib.sha256(canonical_json(identity).encode()).hexdigest()
-        self._make_dirs()
         config = {"description": f"labels imported from {spec.get('import', {}).get('format', 'a dataset')}",
                   **identity}
-        write_bytes_atomic(self.config_yaml, yaml.safe_dump(config, sort_keys=False).encode(), "config")
-        self._write_plan(plan_shards(records, shard_size), fingerprint)
-        manifest = {
-            "format": RUN_FORMAT,
-            "run_id": f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}",
-            "created": utc_now(),
-            "fingerprint": fingerprint,
-            "generator": "import",
-            "class_names": list(class_names),
-            "source": spec,
-            "versions": library_versions(),
-        }
-        write_json_atomic(self.run_json, manifest, "run manifest")
+        self._initialize(yaml.safe_dump(config, sort_keys=False).encode(), plan_shards(records, shard_size), {
+            "fingerprint": fingerprint, "generator": "import", "class_names": list(class_names), "source": spec,
+        })
 
     def check_same_run(self, recipe: Recipe, source_spec: dict[str, Any]) -> None:
         """Raise ``ConfigMismatchError`` with a readable diff if the run was made differently."""
         manifest = self.manifest()
-        if manifest.get("format") != RUN_FORMAT:
-            raise RunStoreError(f"{self.run_json}: format {manifest.get('format')!r}; this labelgen reads {RUN_FORMAT!r}")
         lines = []
         if manifest["fingerprint"] != recipe.fingerprint():
             old = {k: v for k, v in self.stored_config().items() if k in IDENTITY_SECTIONS}
@@ -226,7 +302,8 @@ class RunStore:
         target = self.root / "archive" / run_id
         try:
             target.mkdir(parents=True, exist_ok=False)
-            for path in (self.run_json, self.config_yaml, self.plan_jsonl, self.shards_dir, self.failures_jsonl):
+            for path in (self.run_json, self.config_yaml, self.plan_jsonl, self.plan_next, self.shards_dir,
+                         self.failures_jsonl):
                 if path.exists():
                     shutil.move(str(path), str(target / path.name))
         except OSError as exc:
@@ -235,50 +312,103 @@ class RunStore:
 
     # -- plan ------------------------------------------------------------------------
     def iter_plan(self) -> Iterator[ShardSpec]:
-        """Shards in index order, read lazily: memory stays flat however large the plan."""
+        """Shards in index order, read lazily (memory stays flat however large the plan), after the
+        file is checked against the sha256 and size ``run.json`` holds for it."""
+        path = self._verified_plan_path()
         try:
-            with open(self.plan_jsonl, encoding="utf-8") as handle:
+            with open(path, encoding="utf-8") as handle:
                 header = json.loads(handle.readline() or "null")
                 if not isinstance(header, dict) or header.get("format") != PLAN_FORMAT:
-                    raise RunStoreError(f"{self.plan_jsonl}: not a {PLAN_FORMAT} file")
+                    raise RunStoreError(f"{path}: not a {PLAN_FORMAT} file")
                 for line in handle:
                     yield ShardSpec.from_dict(json.loads(line))
         except FileNotFoundError:
-            raise RunStoreError(f"{self.plan_jsonl} is missing; {self.root} is not a complete run directory") from None
-        except (OSError, json.JSONDecodeError, KeyError, ValueError) as exc:
-            raise RunStoreError(f"{self.plan_jsonl} is corrupt: {exc}") from None
+            raise RunStoreError(f"{path} is missing; {self.root} is not a complete run directory") from None
+        except (OSError, json.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
+            raise CorruptRunError(f"{path} is corrupt: {exc}. {_RESTORE}") from None
 
-    def plan_summary(self, fingerprint: str) -> "PlanSummary":
-        """One lazy pass: shard/image totals and which shards are pending."""
+    def _verified_plan_path(self) -> Path:
+        """The plan file that matches ``run.json``: ``plan.jsonl``, or ``plan.jsonl.next`` while an
+        ``--extend`` is between its two renames. ``CorruptRunError`` names the file if neither does."""
+        expected = self.manifest().get("plan")
+        if expected is None:  # legacy run: no checksum to hold it to
+            return self.plan_jsonl
+        found = _file_digest(self.plan_jsonl)
+        if found == (expected["sha256"], expected["bytes"]):
+            return self.plan_jsonl
+        if _file_digest(self.plan_next) == (expected["sha256"], expected["bytes"]):
+            return self.plan_next
+        what = "is missing" if found is None else (
+            f"has sha256 {found[0][:12]}... and {found[1]} bytes; run.json expects {expected['sha256'][:12]}..."
+            f" and {expected['bytes']} bytes ({expected['shards']} shards, {expected['images']} images)")
+        raise CorruptRunError(f"{self.plan_jsonl} {what}: it was truncated, altered or damaged, and no"
+                              f" committed work is trusted against it. {_RESTORE}")
+
+    def recover_plan(self) -> None:
+        """Under the lock: finish or drop an ``--extend`` that was killed between its steps."""
+        if not self.plan_next.exists():
+            return
+        if self._verified_plan_path() == self.plan_next:  # run.json already names the longer plan
+            os.replace(self.plan_next, self.plan_jsonl)
+            fsync_dir(self.root)
+        else:  # run.json still names the old plan: the longer one was never committed
+            self.plan_next.unlink()
+
+    def plan_summary(self, fingerprint: str, verify: bool = False) -> "PlanSummary":
+        """One lazy pass: shard/image totals, which shards are pending and which are corrupt
+        (``verify``: re-hash every committed output too)."""
         summary = PlanSummary()
         for shard in self.iter_plan():
             summary.shards += 1
             summary.images += len(shard.images)
-            if self.done_record(shard, fingerprint) is None:
+            state = self.shard_state(shard, fingerprint, verify=verify)
+            if state.state != "done":
                 summary.pending.append(shard.index)
                 summary.pending_images += len(shard.images)
+            if state.state == "corrupt":
+                summary.corrupt.append((shard.index, str(state.problem)))
         return summary
 
     def iter_pending(self, pending: set[int]) -> Iterator[ShardSpec]:
         return (shard for shard in self.iter_plan() if shard.index in pending)
 
     def extend(self, records: Sequence[ImageRecord], shard_size: int, fingerprint: str) -> list[ShardSpec]:
-        """Append shards for images not yet in the plan; existing shards never change."""
+        """Append shards for images not yet in the plan; existing shards never change.
+
+        Crash-safe in three steps: the longer plan goes to ``plan.jsonl.next``, then ``run.json``
+        names its checksum, then it is renamed over ``plan.jsonl`` (``recover_plan`` finishes a
+        killed extend from either side)."""
         planned, count = set(), 0
         for shard in self.iter_plan():
             planned.update(r.image_id for r in shard.images)
             count += 1
         added = plan_shards([r for r in records if r.image_id not in planned], shard_size, first_index=count)
         if added:
-            self._write_plan(itertools.chain(self.iter_plan(), added), fingerprint)
+            plan = self._write_plan(self.plan_next, itertools.chain(self.iter_plan(), added), fingerprint)
+            manifest = self.manifest()
+            if SEAL_KEY in manifest:
+                write_json_atomic(self.run_json, seal({**manifest, "plan": plan}), "run manifest")
+            os.replace(self.plan_next, self.plan_jsonl)
+            fsync_dir(self.root)
         return added
 
-    def _write_plan(self, shards: Iterable[ShardSpec], fingerprint: str) -> None:
-        with atomic_file(self.plan_jsonl, "shard plan") as handle:
-            header = {"format": PLAN_FORMAT, "fingerprint": fingerprint}
-            handle.write((json.dumps(header) + "\n").encode())
+    def _write_plan(self, path: Path, shards: Iterable[ShardSpec], fingerprint: str) -> dict[str, Any]:
+        """Write the plan atomically; return what ``run.json`` records of it (sha256, bytes, counts)."""
+        digest, info = hashlib.sha256(), {"bytes": 0, "shards": 0, "images": 0}
+
+        def write(line: str) -> None:
+            encoded = (line + "\n").encode()
+            handle.write(encoded)
+            digest.update(encoded)
+            info["bytes"] += len(encoded)
+
+        with atomic_file(path, "shard plan") as handle:
+            write(json.dumps({"format": PLAN_FORMAT, "fingerprint": fingerprint}))
             for shard in shards:
-                handle.write((json.dumps(shard.to_dict(), separators=(",", ":")) + "\n").encode())
+                write(json.dumps(shard.to_dict(), separators=(",", ":")))
+                info["shards"] += 1
+                info["images"] += len(shard.images)
+        return {"sha256": digest.hexdigest(), **info}
 
     def _make_dirs(self) -> None:
         try:
@@ -296,26 +426,111 @@ class RunStore:
     def shard_error(self, index: int) -> Path:
         return self.shards_dir / f"{index:06d}.error.json"
 
-    def done_record(self, shard: ShardSpec, fingerprint: str | None = None, verify: bool = False) -> dict | None:
-        """The shard's commit record if it is valid for this plan entry (and config), else ``None``."""
+    def shard_state(self, shard: ShardSpec, fingerprint: str | None = None, verify: bool = False) -> ShardState:
+        """Whether ``shard`` is committed. Cheap checks always (the done record's own checksum, its
+        plan entry, config and the output's size); ``verify`` also re-hashes the output."""
+        done_path, output = self.shard_done(shard.index), self.shard_output(shard.index)
         try:
-            done = json.loads(self.shard_done(shard.index).read_text(encoding="utf-8"))
-            size = self.shard_output(shard.index).stat().st_size
-        except (OSError, json.JSONDecodeError):
-            return None
-        if done.get("format") != DONE_FORMAT or done.get("plan_digest") != shard.digest or done.get("bytes") != size:
-            return None
+            text = done_path.read_bytes()
+        except FileNotFoundError:
+            return ShardState("pending")
+        except OSError as exc:
+            return ShardState("corrupt", problem=f"{done_path} is unreadable ({exc.strerror or exc})")
+        problem = self._done_problem(text, shard, fingerprint)
+        if isinstance(problem, str):
+            return ShardState("corrupt", problem=f"{done_path} {problem}")
+        done = problem
+        try:
+            size = output.stat().st_size
+        except OSError:
+            return ShardState("corrupt", problem=f"{output} is missing; its done record says {done['bytes']} bytes")
+        if size != done.get("bytes"):
+            return ShardState("corrupt", problem=f"{output} has {size} bytes; its done record says {done.get('bytes')}")
+        if verify and sha256_file(output) != done.get("sha256"):
+            return ShardState("corrupt", problem=f"{output} does not match the sha256 in its done record")
+        return ShardState("done", record=done)
+
+    def _done_problem(self, text: bytes, shard: ShardSpec, fingerprint: str | None) -> dict | str:
+        """The parsed done record, or what is wrong with it."""
+        try:
+            done = json.loads(text)
+        except ValueError:
+            return "is not valid JSON (torn or damaged)"
+        if not isinstance(done, dict):
+            return "is not a JSON object"
+        legacy = done.get("format") == LEGACY_DONE_FORMAT and SEAL_KEY not in done and self.is_legacy()
+        if not legacy and (done.get("format") != DONE_FORMAT or not is_sealed(done)):
+            return "does not match its own checksum (altered or damaged after commit)"
+        if done.get("shard") != shard.index or done.get("plan_digest") != shard.digest:
+            return "belongs to another plan entry"
         if fingerprint is not None and done.get("fingerprint") != fingerprint:
-            return None
-        if verify and done.get("sha256") != sha256_file(self.shard_output(shard.index)):
-            return None
+            return "was made with other settings"
         return done
 
+    def done_record(self, shard: ShardSpec, fingerprint: str | None = None, verify: bool = False) -> dict | None:
+        """The shard's commit record if it is valid for this plan entry (and config), else ``None``."""
+        return self.shard_state(shard, fingerprint, verify=verify).record
+
+    def read_rows(self, shard: ShardSpec, done: dict) -> list[dict]:
+        """The committed rows of ``shard``, after its bytes are checked against ``done``'s sha256.
+
+        Raises ``CorruptRunError`` naming the file when they are not: no row of a damaged shard is
+        ever returned. Holds one shard in memory (shards are small by design)."""
+        path = self.shard_output(shard.index)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise CorruptRunError(f"{path} is unreadable ({exc.strerror or exc})") from None
+        if len(data) != done.get("bytes") or hashlib.sha256(data).hexdigest() != done.get("sha256"):
+            raise CorruptRunError(f"{path} does not match the sha256 in its done record: it was damaged after"
+                                  " commit. `labelgen run` moves it to corrupt/ and redoes the shard.")
+        try:
+            with gzip.GzipFile(fileobj=io.BytesIO(data)) as handle:
+                return [json.loads(line) for line in handle if line.strip()]
+        except (OSError, EOFError, ValueError) as exc:  # verified bytes that do not parse: a writer bug
+            raise CorruptRunError(f"{path} verifies but does not parse ({exc})") from None
+
+    def iter_committed(self, on_corrupt: Any = None) -> Iterator[tuple[ShardSpec, dict, list[dict]]]:
+        """``(shard, done record, rows)`` of every committed shard that verifies, in plan order.
+
+        A shard that does not verify is skipped: ``on_corrupt(shard, problem)`` is called, or a
+        warning naming the file is logged."""
+        for shard in self.iter_plan():
+            state = self.shard_state(shard)
+            if state.state == "pending":
+                continue
+            try:
+                if state.record is None:
+                    raise CorruptRunError(str(state.problem))
+                rows = self.read_rows(shard, state.record)
+            except CorruptRunError as exc:
+                if on_corrupt is not None:
+                    on_corrupt(shard, str(exc))
+                else:
+                    log.warning("skipping shard %s: %s", shard.key, exc)
+                continue
+            yield shard, state.record, rows
+
+    def quarantine(self, shard: ShardSpec, problem: str) -> Path:
+        """Under the lock: move a corrupt shard's files to ``corrupt/`` so the shard is redone."""
+        target = self.corrupt_dir / f"{shard.key}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%fZ}"
+        try:
+            target.mkdir(parents=True, exist_ok=False)
+            for path in (self.shard_done(shard.index), self.shard_output(shard.index)):
+                if path.exists() or path.is_symlink():
+                    os.replace(path, target / path.name)
+            write_json_atomic(target / "why.json", {"shard": shard.index, "problem": problem, "moved": utc_now()},
+                              "quarantine note")
+            fsync_dir(self.shards_dir)
+        except OSError as exc:
+            raise store_write_error(exc, target, "quarantine of a corrupt shard") from exc
+        return target
+
     def commit_shard(self, shard: ShardSpec, rows: list[dict], summary: dict[str, Any], level: int = 6) -> dict:
-        """Write the shard's output, then its done record; both atomic. Returns the done record."""
+        """Write the shard's output, then its sealed done record; both atomic. Returns the done record."""
         output = self.shard_output(shard.index)
         write_jsonl_gz_atomic(output, rows, f"shard {shard.key} output", level=level)
-        done = {
+        done = seal({
             "format": DONE_FORMAT,
             "shard": shard.index,
             "plan_digest": shard.digest,
@@ -323,7 +538,7 @@ class RunStore:
             "bytes": output.stat().st_size,
             "sha256": sha256_file(output),
             **summary,
-        }
+        })
         write_json_atomic(self.shard_done(shard.index), done, f"shard {shard.key} done record")
         with contextlib.suppress(OSError):
             self.shard_error(shard.index).unlink()
@@ -344,11 +559,10 @@ class RunStore:
         return remove_stale_temps(self.shards_dir) + remove_stale_temps(self.root)
 
     # -- reading results ----------------------------------------------------------------
-    def iter_rows(self) -> Iterator[dict]:
-        """Every committed image row, shard by shard in plan order."""
-        for shard in self.iter_plan():
-            if self.done_record(shard) is not None:
-                yield from read_jsonl_gz(self.shard_output(shard.index))
+    def iter_rows(self, on_corrupt: Any = None) -> Iterator[dict]:
+        """Every committed image row that verifies, shard by shard in plan order (see ``iter_committed``)."""
+        for _, _, rows in self.iter_committed(on_corrupt):
+            yield from rows
 
     def write_failures_ledger(self) -> int:
         """Rebuild ``failures.jsonl`` from the done records (streaming); return the number of failures."""
@@ -360,3 +574,15 @@ class RunStore:
                     count += 1
         return count
 
+
+
+_RESTORE = ("Nothing was changed. Restore the file from a backup, or start over with --new-run"
+            " (moves this run to archive/)")
+
+
+def _file_digest(path: Path) -> tuple[str, int] | None:
+    """``(sha256 hex, size)`` of a file, ``None`` if it does not exist."""
+    try:
+        return sha256_file(path), path.stat().st_size
+    except FileNotFoundError:
+        return None

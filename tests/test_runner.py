@@ -89,7 +89,7 @@ def test_crashed_shard_is_recorded_reported_and_retried(tmp_path, image_dir, mon
     error = json.loads((tmp_path / "run" / "shards" / "000001.error.json").read_text())
     assert error["type"] == "RuntimeError" and "simulated" in error["message"]
     status = run_status(tmp_path / "run")
-    assert status["shards"] == {"total": 3, "done": 2, "failed": 1, "pending": 0, "failed_indices": [1]}
+    assert status["shards"] == {"total": 3, "done": 2, "failed": 1, "corrupt": 0, "pending": 0, "failed_indices": [1]}
     assert "1 failed" in format_status(status)
     monkeypatch.undo()
     again = run(make_recipe(), FolderSource(image_dir), tmp_path / "run")
