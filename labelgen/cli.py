@@ -218,6 +218,9 @@ def _print_run_result(result) -> None:
 
     if result.images_added:
         print(f"planned {result.images_added} new images", file=sys.stderr)
+    if result.shards_corrupt:
+        print(f"labelgen: {len(result.shards_corrupt)} committed shards did not verify: moved to corrupt/ and"
+              " redone (see the warnings above)", file=sys.stderr)
     print(f"{result.shards_done} shards run, {result.shards_skipped} already done", file=sys.stderr)
     print(format_status(run_status(result.root)))
     if result.shards_failed:
@@ -230,7 +233,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     status = run_status(args.run_dir, verify=args.verify)
     print(json.dumps(status, indent=1) if args.json else format_status(status))
-    return 0
+    return 1 if status["corrupt"] else 0
 
 
 def _cmd_filter(args: argparse.Namespace) -> int:

@@ -204,11 +204,9 @@ def _write_shards(store: RunStore, config: FilterConfig, class_names: Sequence[s
     """One filtered output per done shard; returns image counts and the summary."""
     summary, shards, failed = FilterSummary(), 0, 0
     level = compress_level(store)
-    for shard in store.iter_plan():
-        if store.done_record(shard) is None:
-            continue
+    for shard, _, committed in store.iter_committed():  # verified against the done records
         rows = []
-        for row in read_jsonl_gz(store.shard_output(shard.index)):
+        for row in committed:
             result = filter_row(row, config, class_names)
             if result is None:
                 failed += 1

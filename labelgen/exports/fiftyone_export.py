@@ -374,14 +374,12 @@ def iter_source_rows(source: ExportSource, *, originals: bool = False) -> Iterat
     """
     store, index = source.store, 0
     names = store.manifest().get("class_names")
-    for shard in store.iter_plan():
-        if store.done_record(shard) is None:
-            continue
+    for shard, _, committed in store.iter_committed():  # verified against the done records
         if source.copy_kind is None:
-            pairs: Iterable[tuple[dict, dict | None]] = ((r, r) for r in read_jsonl_gz(store.shard_output(shard.index)))
+            pairs: Iterable[tuple[dict, dict | None]] = ((r, r) for r in committed)
         else:
             copy_rows = read_jsonl_gz(_copy_shard_path(source, shard.index))
-            run_rows = read_jsonl_gz(store.shard_output(shard.index)) if originals else None
+            run_rows = iter(committed) if originals else None
             pairs = ((r, next(run_rows, None) if run_rows is not None else None) for r in copy_rows)
         for row, run_row in pairs:
             yield _source_row(source, names, ExportItem(index, ImageRecord.from_dict(row["image"]), None, shard.index),

@@ -10,6 +10,7 @@ Sources, streamed shard by shard in plan order:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,11 @@ from typing import Iterator, Sequence
 from ..atomic import read_jsonl_gz
 from ..errors import ExportError
 from ..filter_config import FilterConfig
-from ..filter_store import filter_row
+from ..filter_store import filter_row, incomplete_message, run_incomplete
 from ..instances import ImageRecord, Instances
 from ..store import RunStore
+
+log = logging.getLogger(__name__)
 
 AGNOSTIC_CLASS = "object"  # the one category of class-agnostic runs
 
@@ -77,11 +80,9 @@ class ExportSource:
 
     def _rows(self) -> Iterator[tuple[int, dict]]:
         names = self.store.manifest().get("class_names")
-        for shard in self.store.iter_plan():
-            if self.store.done_record(shard) is None:
-                continue
-            path = self._shard_path(shard.index)
-            for row in read_jsonl_gz(path):
+        for shard, _, run_rows in self.store.iter_committed():  # verified against the done records
+            rows = run_rows if self.copy_kind is None else read_jsonl_gz(self._shard_path(shard.index))
+            for row in rows:
                 if self.filter_config is not None and row.get("status") == "ok":
                     row = {**row, "instances": filter_row(row, self.filter_config, names).kept.to_dict()}
                 yield shard.index, row
@@ -113,8 +114,17 @@ def open_export_source(run_dir: str | Path, *, filter_config: FilterConfig | Non
     return ExportSource(store, filter_config)
 
 
+def log_incomplete(source: ExportSource, what: str) -> dict | None:
+    """``{"pending_shards", "failed_shards", "images_not_exported"}`` when the run has shards that are not
+    committed (their images are not exported), with one logged warning; ``None`` for a complete run."""
+    gap = run_incomplete(source.store, "images_not_exported")
+    if gap is not None:
+        log.warning(incomplete_message(source.store, gap, gap["images_not_exported"], what))
+    return gap
+
+
 def read_summary(folder: Path) -> dict:
     return json.loads((folder / "summary.json").read_text(encoding="utf-8"))
 
 
-__all__: Sequence[str] = ["AGNOSTIC_CLASS", "ExportItem", "ExportSource", "open_export_source"]
+__all__: Sequence[str] = ["AGNOSTIC_CLASS", "ExportItem", "ExportSource", "log_incomplete", "open_export_source"]
