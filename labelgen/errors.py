@@ -32,8 +32,9 @@ class ImageSourceError(LabelgenError):
 class ImageDecodeError(LabelgenError):
     """One image could not be read. ``reason`` is a stable code for the failure ledger.
 
-    Reason codes: ``missing``, ``unreadable``, ``empty_file``, ``not_an_image``,
-    ``truncated``, ``too_large``, ``bad_dimensions``.
+    Reason codes: ``missing`` (also a dangling symlink), ``unreadable``, ``symlink_loop``,
+    ``not_a_regular_file`` (FIFO, socket, device), ``too_large_file`` (over the byte cap),
+    ``empty_file``, ``not_an_image``, ``truncated``, ``too_large`` (pixels), ``bad_dimensions``.
     """
 
     def __init__(self, reason: str, message: str):
@@ -43,6 +44,11 @@ class ImageDecodeError(LabelgenError):
 
 class RunStoreError(LabelgenError):
     """The run directory cannot be used as asked (unwritable, corrupt, wrong layout)."""
+
+
+class CorruptRunError(RunStoreError):
+    """A committed file of the run (run.json, config.yaml, plan.jsonl, a shard) does not verify
+    against its checksum. The message names the file; nothing that verifies is dropped."""
 
 
 class StoreWriteError(RunStoreError):
