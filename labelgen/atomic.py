@@ -3,6 +3,11 @@
 A reader sees either the old file or the whole new one, never a torn write; a
 process killed mid-write leaves only a ``.tmp-*`` file that the store cleans up.
 OS errors (disk full, permissions, read-only file system) become ``StoreWriteError``.
+
+Temp files are named ``NAME.tmp-PID-RANDOM`` and created exclusively (``O_CREAT | O_EXCL |
+O_NOFOLLOW``): a file or symlink planted at a predictable name is never opened, so a write can
+never be redirected outside its folder. The final ``os.replace`` replaces a symlink at the
+target itself, never the file it points to.
 """
 from __future__ import annotations
 
@@ -12,12 +17,17 @@ import gzip
 import hashlib
 import json
 import os
+import secrets
+import stat
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 from .errors import StoreWriteError
 
 TMP_MARK = ".tmp-"
+STORE_NOTE = "Already committed shards are intact."
+EXPORT_NOTE = "The export was not finished; an earlier export in that folder, if any, is unchanged."
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _HINTS = {
     errno.ENOSPC: "the disk is full: free space, then rerun the same command to resume",
@@ -29,36 +39,81 @@ _HINTS = {
 }
 
 
-def store_write_error(exc: OSError, path: Path | str, what: str) -> StoreWriteError:
-    """Turn an ``OSError`` into a ``StoreWriteError`` that says what to do."""
+def store_write_error(exc: OSError, path: Path | str, what: str, *, note: str = STORE_NOTE) -> StoreWriteError:
+    """Turn an ``OSError`` into a ``StoreWriteError`` that says what to do.
+
+    ``note``: the last sentence, what is still intact (exporters pass ``EXPORT_NOTE``)."""
     hint = _HINTS.get(exc.errno or 0, "check the folder, then rerun the same command to resume")
-    return StoreWriteError(
-        f"cannot write {what} at {path}: {exc.strerror or exc}; {hint}. Already committed shards are intact."
-    )
+    return StoreWriteError(f"cannot write {what} at {path}: {exc.strerror or exc}; {hint}. {note}")
 
 
-@contextlib.contextmanager
-def atomic_file(path: Path, what: str) -> Iterator[BinaryIO]:
-    """Open a temp file for binary writing; on clean exit fsync it and rename onto ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+def temp_path(target: Path | str, label: str = "") -> Path:
+    """An unpredictable temp name beside ``target``: ``NAME[.LABEL].tmp-PID-RANDOM``."""
+    target = Path(target)
+    middle = f".{label}" if label else ""
+    return target.with_name(f"{target.name}{middle}{TMP_MARK}{os.getpid()}-{secrets.token_hex(8)}")
+
+
+def temp_pid(name: str) -> int | None:
+    """The writer pid in a temp name (``...tmp-PID`` or ``...tmp-PID-RANDOM``), else ``None``."""
+    if TMP_MARK not in name:
+        return None
+    tail = name.rsplit(TMP_MARK, 1)[1].split("-", 1)[0]
+    return int(tail) if tail.isdigit() else None
+
+
+def create_exclusive(path: Path | str, mode: int = 0o666) -> BinaryIO:
+    """Open a NEW file for binary writing: never an existing file, never through a symlink."""
+    fd = os.open(path, _CREATE_FLAGS, mode)
     try:
-        with open(tmp, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as exc:
-        _unlink_quietly(tmp)
-        raise store_write_error(exc, path, what) from exc
+        return os.fdopen(fd, "wb")
     except BaseException:
-        _unlink_quietly(tmp)
+        os.close(fd)
         raise
 
 
-def write_bytes_atomic(path: Path, data: bytes, what: str) -> None:
-    with atomic_file(path, what) as handle:
+def create_temp(target: Path | str, label: str = "") -> tuple[BinaryIO, Path]:
+    """A new exclusively created temp file beside ``target`` (``temp_path``), open for binary writing."""
+    for _ in range(16):
+        tmp = temp_path(target, label)
+        try:
+            return create_exclusive(tmp), tmp
+        except FileExistsError:  # 64 random bits taken: try another name
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temp file name", str(target))
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, what: str, *, durable: bool = True, note: str = STORE_NOTE) -> Iterator[BinaryIO]:
+    """Open a temp file for binary writing; on clean exit fsync it and rename onto ``path``.
+
+    ``durable=False`` skips the fsyncs (derived files that a rerun rewrites); the rename stays atomic.
+    A symlink at ``path`` is replaced by the file, never written through."""
+    path = Path(path)
+    tmp: Path | None = None
+    try:
+        handle, tmp = create_temp(path)
+        with handle:
+            yield handle
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        if durable:
+            fsync_dir(path.parent)
+    except OSError as exc:
+        if tmp is not None:
+            _unlink_quietly(tmp)
+        raise store_write_error(exc, path, what, note=note) from exc
+    except BaseException:
+        if tmp is not None:
+            _unlink_quietly(tmp)
+        raise
+
+
+def write_bytes_atomic(path: Path, data: bytes, what: str, *, durable: bool = True, note: str = STORE_NOTE) -> None:
+    with atomic_file(path, what, durable=durable, note=note) as handle:
         handle.write(data)
 
 
@@ -75,8 +130,8 @@ def json_bytes(obj: Any, **options: Any) -> bytes:
         return json.dumps(obj, sort_keys=True, ensure_ascii=True, **options).encode("ascii")
 
 
-def write_json_atomic(path: Path, obj: Any, what: str) -> None:
-    write_bytes_atomic(path, json_bytes(obj, indent=1) + b"\n", what)
+def write_json_atomic(path: Path, obj: Any, what: str, *, note: str = STORE_NOTE) -> None:
+    write_bytes_atomic(path, json_bytes(obj, indent=1) + b"\n", what, note=note)
 
 
 def write_jsonl_gz_atomic(path: Path, rows: list[dict], what: str, level: int = 6) -> None:
@@ -118,12 +173,27 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def remove_stale_temps(folder: Path) -> int:
-    """Delete leftover ``*.tmp-*`` files of killed writers; return how many."""
+def remove_stale_temps(folder: Path, prefixes: tuple[str, ...] | None = None) -> int:
+    """Delete leftover ``*.tmp-*`` files of killed writers; return how many were removed.
+
+    Only regular files and symlinks are unlinked (a link itself, never what it points to); folders
+    and anything else are left alone. ``prefixes``: only names starting with one of them. The caller
+    must hold the lock that every writer into ``folder`` holds (so no live writer owns a temp)."""
     removed = 0
-    for tmp in Path(folder).glob(f"*{TMP_MARK}*"):
-        _unlink_quietly(tmp)
-        removed += 1
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        if TMP_MARK not in entry.name or (prefixes is not None and not entry.name.startswith(prefixes)):
+            continue
+        try:
+            kind = os.lstat(entry.path).st_mode
+            if stat.S_ISREG(kind) or stat.S_ISLNK(kind):
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue
     return removed
 
 

@@ -238,7 +238,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_filter(args: argparse.Namespace) -> int:
     from .filter_config import load_filter_config
-    from .filter_store import FilterSummary, filter_run, save_filtered, sweep
+    from .filter_store import FilterSummary, filter_run, save_filtered, sweep, warn_if_incomplete
     from .store import RunStore
 
     overrides = list(args.overrides)
@@ -247,6 +247,8 @@ def _cmd_filter(args: argparse.Namespace) -> int:
     config = load_filter_config(args.config, overrides)
     store = RunStore(args.run_dir)
     class_names = store.manifest().get("class_names")
+    if not args.save:  # save_filtered warns itself (and records it in summary.json)
+        warn_if_incomplete(store, "filter")
     if args.sweep:
         column = args.sweep_column or config.confidence_column
         results = sweep(store, config, column, _sweep_values(args.sweep), class_names)
@@ -259,7 +261,7 @@ def _cmd_filter(args: argparse.Namespace) -> int:
     if args.save:
         folder = save_filtered(store, config, args.save, class_names)
         summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-        print(json.dumps(summary, indent=1) if args.json else f"saved {folder}")
+        print(json.dumps(summary, indent=1) if args.json else _saved_line(folder, summary))
         return 0
     summary = FilterSummary()
     for _, result in filter_run(store, config, class_names):
@@ -267,6 +269,15 @@ def _cmd_filter(args: argparse.Namespace) -> int:
             summary.add(result, class_names)
     print(json.dumps(summary.to_dict(), indent=1) if args.json else summary.table())
     return 0
+
+
+def _saved_line(folder: Path, summary: dict) -> str:
+    """``filter --save``'s one line: what was kept, of how much, and why the rest was rejected."""
+    total = summary["total"]
+    rejected = ", ".join(f"{reason} {total[reason]}" for reason in summary["reasons"])
+    failed = f" (+{summary['failed_images']} failed images, copied as failed)" if summary["failed_images"] else ""
+    return (f"saved {folder}: {total['kept']} of {total['total']} labels kept on {summary['images']} images{failed}"
+            f" from {summary['shards']} shards" + (f"; rejected: {rejected}" if rejected else ""))
 
 
 def _sweep_values(text: str) -> list[float]:
@@ -297,7 +308,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                 reviewed=args.reviewed)
     if args.format == "fiftyone":
         from .exports.fiftyone_export import export_fiftyone
+        from .exports.source import log_incomplete
 
+        log_incomplete(source, "FiftyOne export")  # coco and yolo warn (and record it) themselves
         report = export_fiftyone(source, args.dataset or f"labelgen-{source.run_id}")
     else:
         if not args.out:

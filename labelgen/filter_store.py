@@ -10,15 +10,22 @@ Nothing here loads a model. Every function streams the run shard by shard
       NNNNNN.jsonl.gz    one per done shard of the run: its rows in the same format, where
                          ``instances`` holds only the kept ones and every row has
                          ``"rejected": [{"index": i, "reason": r, ...detail}]``
-      summary.json       ``FilterSummary.to_dict()`` plus image counts and the run id
+      summary.json       ``FilterSummary.to_dict()`` plus image counts, the run id, and ``incomplete``
+                         (``{"pending_shards", "failed_shards", "images_not_filtered"}``, or null)
+
+A run with pending or failed shards is filtered as far as it is committed, with one logged warning
+(``warn_if_incomplete``). A per-class threshold on labels without class ids (a class-agnostic run)
+can never apply, so it is a ``ConfigError`` rather than silently ignored.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import re
+import secrets
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -27,13 +34,15 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import yaml
 
-from .atomic import TMP_MARK, fsync_dir, read_jsonl_gz, store_write_error, write_bytes_atomic, write_json_atomic
-from .atomic import write_jsonl_gz_atomic
+from .atomic import TMP_MARK, fsync_dir, read_jsonl_gz, store_write_error, temp_pid, write_bytes_atomic
+from .atomic import write_json_atomic, write_jsonl_gz_atomic
 from .config import config_to_dict
 from .errors import ConfigError, ValidationError
 from .filtering import REASONS, FilterConfig, FilterResult, class_label, count_kept, filter_instances
 from .instances import Instances
 from .store import RunStore
+
+log = logging.getLogger(__name__)
 
 FILTERED_FORMAT = "labelgen-filtered/1"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
@@ -53,14 +62,61 @@ def filter_row(row: dict, config: FilterConfig, class_names: Sequence[str] | Non
     """Filter one shard row (``None`` for a failed image). Errors name the image."""
     if row.get("status") != "ok":
         return None
-    return _for_image(row, lambda instances: filter_instances(instances, config, class_names))
+    return _for_image(row, config, lambda instances: filter_instances(instances, config, class_names))
 
 
-def _for_image(row: dict, action: Callable[[Instances], Any]) -> Any:
+def _for_image(row: dict, config: FilterConfig, action: Callable[[Instances], Any]) -> Any:
     try:
-        return action(Instances.from_dict(row["instances"]))
+        instances = Instances.from_dict(row["instances"])
+        _check_class_minimums_apply(instances, config, row)
+        return action(instances)
     except ValidationError as exc:
         raise ValidationError(f"image {row.get('image', {}).get('image_id')!r}: {exc}") from None
+
+
+def _check_class_minimums_apply(instances: Instances, config: FilterConfig, row: dict) -> None:
+    """A per-class threshold on labels without class ids would be silently ignored: refuse it."""
+    if config.min_confidence_per_class and len(instances) and instances.class_ids is None:
+        raise ConfigError(
+            f"filter.min_confidence_per_class ({dict(config.min_confidence_per_class)}) can never apply: the labels"
+            f" have no classes (a class-agnostic run; image {row.get('image', {}).get('image_id')!r} has no class"
+            " ids), so every label would pass it unchecked. Use min_confidence to threshold every label, and drop"
+            " min_confidence_per_class")
+
+
+# -- completeness -------------------------------------------------------------------------------
+def run_incomplete(store: RunStore, images_key: str = "images_not_included") -> dict[str, int] | None:
+    """``{"pending_shards", "failed_shards", images_key}`` for a run whose plan has shards that are not
+    committed (their images are in no filter or export), ``None`` when every shard is done.
+
+    A shard is failed when it has an error record and no valid done record, pending otherwise."""
+    pending = failed = images = 0
+    for shard in store.iter_plan():
+        if store.done_record(shard) is not None:
+            continue
+        if store.shard_error_record(shard.index) is not None:
+            failed += 1
+        else:
+            pending += 1
+        images += len(shard.images)
+    if not (pending or failed):
+        return None
+    return {"pending_shards": pending, "failed_shards": failed, images_key: images}
+
+
+def incomplete_message(store: RunStore, gap: dict[str, int], images: int, what: str) -> str:
+    """The one-line warning about ``run_incomplete``'s result."""
+    return (f"{what}: run {store.root} is incomplete ({gap['pending_shards']} pending and {gap['failed_shards']}"
+            f" failed shards, {images} images), so those images are left out; rerun the same `labelgen run`"
+            " command to finish the run (failed shards are retried), then this command")
+
+
+def warn_if_incomplete(store: RunStore, what: str, images_key: str = "images_not_filtered") -> dict | None:
+    """Log ``incomplete_message`` once if the run is incomplete; return ``run_incomplete``'s result."""
+    gap = run_incomplete(store, images_key)
+    if gap is not None:
+        log.warning(incomplete_message(store, gap, gap[images_key], what))
+    return gap
 
 
 # -- summary ------------------------------------------------------------------------------------
@@ -147,7 +203,8 @@ def sweep(
     totals = np.zeros(len(thresholds), dtype=np.int64)
     for row in store.iter_rows():
         if row.get("status") == "ok":
-            totals += _for_image(row, lambda instances: count_kept(instances, config, thresholds, class_names))
+            totals += _for_image(row, config,
+                                 lambda instances: count_kept(instances, config, thresholds, class_names))
     return [(value, int(total)) for value, total in zip(thresholds, totals)]
 
 
@@ -170,12 +227,13 @@ def save_filtered(
     _check_name(name)
     run_id = store.manifest().get("run_id")
     parent = store.root / "filtered"
+    incomplete = warn_if_incomplete(store, f"filtered copy {name!r}")
     with staged_folder(parent, name, f"filtered copy {name!r}") as tmp:
         yaml_text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
         write_bytes_atomic(tmp / "filter.yaml", yaml_text.encode("utf-8"), "filter options")
         counts = _write_shards(store, config, class_names, tmp)
-        write_json_atomic(tmp / "summary.json", {"format": FILTERED_FORMAT, "name": name, "run_id": run_id, **counts},
-                          "filter summary")
+        write_json_atomic(tmp / "summary.json", {"format": FILTERED_FORMAT, "name": name, "run_id": run_id, **counts,
+                                                 "incomplete": incomplete}, "filter summary")
     return parent / name
 
 
@@ -186,17 +244,21 @@ def staged_folder(parent: Path, name: str, what: str) -> Iterator[Path]:
     On any error the temporary folder is removed and an existing ``NAME`` is left as it was;
     OS errors become ``StoreWriteError``.
     """
-    final, tmp = parent / name, parent / f".{name}{TMP_MARK}{os.getpid()}"
+    final, tmp = parent / name, None
     remove_leftovers(parent, name)
     try:
-        tmp.mkdir(parents=True)
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f".{name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(8)}"
+        tmp.mkdir()  # a new folder under an unpredictable name: never one planted in advance
         yield tmp
         swap_into_place(tmp, final)
     except OSError as exc:
-        remove_tree(tmp)
+        if tmp is not None:
+            remove_tree(tmp)
         raise store_write_error(exc, final, what) from exc
     except BaseException:
-        remove_tree(tmp)
+        if tmp is not None:
+            remove_tree(tmp)
         raise
 
 
@@ -242,7 +304,7 @@ def _check_name(name: Any) -> None:
 
 def swap_into_place(tmp: Path, final: Path) -> None:
     """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first, then deleted."""
-    old = final.with_name(f".{final.name}{_OLD_MARK}{os.getpid()}")
+    old = final.with_name(f".{final.name}{_OLD_MARK}{os.getpid()}-{secrets.token_hex(8)}")
     if final.exists() or final.is_symlink():
         os.rename(final, old)
     os.rename(tmp, final)
@@ -256,8 +318,8 @@ def remove_leftovers(parent: Path, name: str) -> None:
         return
     for mark in (TMP_MARK, _OLD_MARK):
         for path in parent.glob(f".{name}{mark}*"):
-            pid = path.name.rsplit(mark, 1)[-1]
-            if pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid))):
+            pid = temp_pid(path.name.replace(_OLD_MARK, TMP_MARK))
+            if pid is not None and (pid == os.getpid() or not _process_alive(pid)):
                 remove_tree(path)
 
 

@@ -3,7 +3,11 @@
 ``export_coco`` iterates the source once, writing image entries to one temp file and annotations
 to another beside the target, then concatenates them into ``annotations.json`` with an atomic
 rename; the temp files are always removed. ``export_report.json`` (a ``CocoExportReport``) is
-written after it. Ids are stable: image ``id`` = plan position + 1; annotation ``id`` = 1, 2, ...
+written after it. The export holds the folder's lock (``paths.export_lock``: a second export into
+the same folder is refused at once), removes the temp files that killed exports left there, and
+creates its own exclusively under unpredictable names (a planted symlink is never followed). A run
+with pending or failed shards is exported as far as it is committed, with a logged warning and
+``incomplete`` in the report. OS errors (disk full, file size limit) are ``StoreWriteError``. Ids are stable: image ``id`` = plan position + 1; annotation ``id`` = 1, 2, ...
 in export order; two exports of the same source give identical bytes (no timestamps).
 
 Each annotation has ``segmentation`` (compressed RLE with ``str`` counts, holes kept; or
@@ -25,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -34,12 +39,14 @@ from typing import Any, BinaryIO, Iterator, Literal
 from pycocotools import mask as coco_mask
 
 from .. import __version__
-from ..atomic import TMP_MARK, atomic_file, write_json_atomic
+from ..atomic import EXPORT_NOTE, atomic_file, create_temp, store_write_error, write_json_atomic
 from ..errors import ExportError
 from ..instances import Instances
-from .paths import relative_to_root, safe_join
+from .paths import export_lock, relative_to_root, remove_stale_export_temps, safe_join
 from .polygons import mask_to_polygons, polygons_iou
-from .source import ExportItem, ExportSource
+from .source import ExportItem, ExportSource, log_incomplete
+
+log = logging.getLogger(__name__)
 
 ANNOTATIONS_FILE = "annotations.json"
 REPORT_FILE = "export_report.json"
@@ -64,6 +71,9 @@ class CocoExportReport:
     polygons_below_tolerance: int = 0
     # the WORST_KEPT lowest-IoU objects, lowest first: {annotation_id, image_id, file_name, iou}
     polygon_worst: list[dict] = field(default_factory=list)
+    # the run's shards not exported: {pending_shards, failed_shards, images_not_exported}; None if complete
+    incomplete: dict | None = None
+    stale_temps_removed: int = 0  # temp files of killed exports removed from the folder first
 
 
 def export_coco(source: ExportSource, out_dir: str | os.PathLike[str], *, images_root: str | None = None,
@@ -81,22 +91,34 @@ def export_coco(source: ExportSource, out_dir: str | os.PathLike[str], *, images
     if not 0.0 <= polygon_tolerance <= 1.0:
         raise ExportError(f"polygon_tolerance must be in [0, 1]; got {polygon_tolerance!r}")
     out = _prepare_out_dir(out_dir)
-    target = safe_join(out, ANNOTATIONS_FILE)
-    writer = _CocoWriter(source, images_root or source.images_root(), mask_format, polygon_tolerance,
-                         include_failed_images, str(target))
-    parts = [safe_join(out, f"{ANNOTATIONS_FILE}.{name}{TMP_MARK}{os.getpid()}") for name in ("images", "anns")]
-    try:
-        with open(parts[0], "wb") as images, open(parts[1], "wb") as annotations:
-            writer.write_parts(images, annotations)
-        report = writer.finish()
-        if report.polygons_below_tolerance:
-            raise _tolerance_error(report)
-        _concatenate(target, writer.head(), parts)
-    finally:
-        for part in parts:
-            with contextlib.suppress(OSError):
-                os.unlink(part)
-    write_json_atomic(safe_join(out, REPORT_FILE), asdict(report), "COCO export report")
+    with export_lock(out, "COCO export"):
+        stale = remove_stale_export_temps(out, (ANNOTATIONS_FILE, REPORT_FILE))
+        target = safe_join(out, ANNOTATIONS_FILE)
+        report_path = safe_join(out, REPORT_FILE)
+        writer = _CocoWriter(source, images_root or source.images_root(), mask_format, polygon_tolerance,
+                             include_failed_images, str(target))
+        writer.report.stale_temps_removed = stale
+        writer.report.incomplete = log_incomplete(source, f"COCO export {target}")
+        parts: list[Path] = []
+        try:
+            with contextlib.ExitStack() as stack:
+                handles = []
+                for name in ("images", "anns"):  # ANNOTATIONS_FILE.images.tmp-PID-RANDOM, created exclusively
+                    handle, part = create_temp(target, name)
+                    parts.append(part)
+                    handles.append(stack.enter_context(handle))
+                writer.write_parts(*handles)
+            report = writer.finish()
+            if report.polygons_below_tolerance:
+                raise _tolerance_error(report)
+            _concatenate(target, writer.head(), parts)
+        except OSError as exc:
+            raise store_write_error(exc, target, "COCO annotations", note=EXPORT_NOTE) from exc
+        finally:
+            for part in parts:
+                with contextlib.suppress(OSError):
+                    os.unlink(part)
+        write_json_atomic(report_path, asdict(report), "COCO export report", note=EXPORT_NOTE)
     return report
 
 
@@ -107,7 +129,7 @@ def _prepare_out_dir(out_dir: str | os.PathLike[str]) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ExportError(f"cannot create COCO export folder {out}: {exc.strerror or exc}") from None
+        raise store_write_error(exc, out, "the COCO export folder", note=EXPORT_NOTE) from None
     return out
 
 
@@ -223,7 +245,7 @@ def _tolerance_error(report: CocoExportReport) -> ExportError:
 
 def _concatenate(target: Path, head: dict[str, Any], parts: list[Path]) -> None:
     """``{head..., "images": [part0], "annotations": [part1]}`` written atomically."""
-    with atomic_file(target, "COCO annotations") as handle:
+    with atomic_file(target, "COCO annotations", note=EXPORT_NOTE) as handle:
         handle.write(json.dumps(head, ensure_ascii=False)[:-1].encode("utf-8"))  # keys in head's order
         for key, part in zip(("images", "annotations"), parts):
             handle.write(f', "{key}": [\n'.encode())

@@ -39,7 +39,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import secrets
 from collections import Counter
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ import numpy as np
 from PIL import Image
 
 from .. import __version__
-from ..atomic import read_jsonl_gz
+from ..atomic import EXPORT_NOTE, read_jsonl_gz, write_bytes_atomic
 from ..config import config_to_dict
 from ..errors import ExportError
 from ..filter_store import filter_row
@@ -456,9 +455,8 @@ class MaskWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         Image.fromarray(crop.astype(np.uint8) * 255).save(buffer, format="PNG")
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(buffer.getvalue())
-        os.replace(tmp, path)  # derived files: atomic but not fsynced (re-export rewrites them)
+        # derived files: atomic (exclusive temp, never through a planted link) but not fsynced (re-export rewrites)
+        write_bytes_atomic(path, buffer.getvalue(), "a FiftyOne mask file", durable=False, note=EXPORT_NOTE)
         detection.mask_path = str(path.resolve())
         self.on_disk += 1
 

@@ -26,14 +26,24 @@ otherwise the report says ``labels_found_by_trainers: false`` and a warning is l
 Re-exporting replaces the split: each folder is built under a hidden temporary name beside its target and
 swapped in at the end, so label files of images no longer exported disappear and a failed export leaves
 the previous one intact. Only folders listed as ``owned_folders`` in the report of an earlier export are
-ever replaced; anything else already there is refused. One export per OUT at a time.
+ever replaced; anything else already there is refused.
+
+One export per OUT at a time: the export holds ``OUT/.labelgen-export.lock`` (``paths.export_lock``) and
+a second export into the same OUT is refused at once with ``ExportLockedError`` naming the holder. Holding
+it, an export first removes what killed exports left (``.SPLIT.staging-*`` / ``.SPLIT.old-*`` folders,
+``data.yaml`` / ``export_report.json`` temp files). Every file and folder it creates is created
+exclusively (temp and staging names are unpredictable), so a planted symlink is never followed. A run
+with pending or failed shards is exported as far as it is committed, with a logged warning and
+``incomplete`` in the report. OS errors (disk full, file size limit) are ``StoreWriteError``.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
+import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -42,13 +52,13 @@ from typing import Literal, Sequence
 import numpy as np
 import yaml
 
-from ..atomic import write_bytes_atomic, write_json_atomic
+from ..atomic import EXPORT_NOTE, create_exclusive, store_write_error, write_bytes_atomic, write_json_atomic
 from ..errors import ExportError
 from ..instances import Instances
 from ..masks import RLE, rles_to_masks
-from .paths import relative_to_root, safe_join
+from .paths import export_lock, relative_to_root, remove_stale_export_temps, remove_stale_folder, safe_join
 from .polygons import mask_parts, merge_parts
-from .source import ExportItem, ExportSource
+from .source import ExportItem, ExportSource, log_incomplete
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +99,9 @@ class YoloExportReport:
     stale_label_files_removed: int = 0  # label files of the previous export for images not exported now
     labels_found_by_trainers: bool = True  # false only for images="none" outside OUT/images/SPLIT
     owned_folders: list[str] = field(default_factory=list)
+    # the run's shards not exported: {pending_shards, failed_shards, images_not_exported}; None if complete
+    incomplete: dict | None = None
+    stale_temps_removed: int = 0  # temp files and staging folders of killed exports removed first
     format: str = REPORT_FORMAT
 
 
@@ -119,30 +132,44 @@ def export_yolo(source: ExportSource, out_dir: str | os.PathLike[str], *,
         if value not in allowed:
             raise ExportError(f"YOLO export: {name} must be one of {list(allowed)}; got {value!r}")
     out = _prepare_out_dir(out_dir, split)
-    report = YoloExportReport(str(out), split, task, multipart, images, list(source.class_names),
-                              os.path.abspath(images_root or source.images_root()), include_failed_images)
+    with export_lock(out, "YOLO export"):
+        report = _export_locked(source, out, split, images, YoloExportReport(
+            str(out), split, task, multipart, images, list(source.class_names),
+            os.path.abspath(images_root or source.images_root()), include_failed_images))
+    if not report.labels_found_by_trainers:
+        log.warning("YOLO labels in %s will not be found by trainers: they look for them at the images root %s"
+                    " with /images/ replaced by /labels/; export into that dataset root or place images",
+                    out / "labels" / split, report.images_root)
+    return report
+
+
+def _export_locked(source: ExportSource, out: Path, split: str, images: str,
+                   report: YoloExportReport) -> YoloExportReport:
+    """The export proper, with the folder's lock held."""
     kinds = ("labels", "confidence") + (("images",) if images != "none" else ())
+    report.stale_temps_removed = remove_stale_export_temps(out, (REPORT_NAME, "data.yaml"))
+    report.stale_temps_removed += sum(_remove_leftovers(out / kind, split) for kind in kinds)
     owned = _previously_owned(out)
     _check_targets(out, split, kinds, owned, report)
-    staging = {kind: _fresh_folder(out, kind, split) for kind in kinds}
+    report.incomplete = log_incomplete(source, f"YOLO export {out}")
+    staging: dict[str, Path] = {}
     try:
+        for kind in kinds:
+            staging[kind] = _fresh_folder(out, kind, split)
         for item in source:
             _export_item(item, staging, report)
         report.stale_label_files_removed = _count_missing(out / "labels" / split, staging["labels"])
         report.labels_found_by_trainers = images != "none" or _trainers_find_labels(report.images_root, out, split)
         report.owned_folders = sorted({f for f in owned if (out / f).exists()} | {f"{k}/{split}" for k in kinds})
         report.data_yaml = str(out / "data.yaml")
-        write_json_atomic(out / REPORT_NAME, dataclasses.asdict(report), "YOLO export report")  # ownership first
+        write_json_atomic(out / REPORT_NAME, dataclasses.asdict(report), "YOLO export report",  # ownership first
+                          note=EXPORT_NOTE)
         for kind in kinds:
             _swap_in(staging[kind], out / kind / split)
     finally:
         for folder in staging.values():
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_stale_folder(folder)
     _write_data_yaml(out, report)
-    if not report.labels_found_by_trainers:
-        log.warning("YOLO labels in %s will not be found by trainers: they look for them at the images root %s"
-                    " with /images/ replaced by /labels/; export into that dataset root or place images",
-                    out / "labels" / split, report.images_root)
     return report
 
 
@@ -232,18 +259,23 @@ def _prepare_out_dir(out_dir: str | os.PathLike[str], split: str) -> Path:
         raise ExportError(f"YOLO export: split must be one folder name such as 'train' (not 'images' or"
                           f" 'labels'); got {split!r}")
     out = Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"YOLO export target {out} is a file; expected a folder (it is created if missing)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ExportError(f"cannot create the YOLO export folder {out}: {exc}") from exc
+        raise store_write_error(exc, out, "the YOLO export folder", note=EXPORT_NOTE) from exc
     return out
 
 
 def _previously_owned(out: Path) -> set[str]:
-    """Folders an earlier labelgen YOLO export into ``out`` wrote (from its report)."""
+    """Folders an earlier labelgen YOLO export into ``out`` wrote (from its report; a symlink there is
+    not read: ownership is only what an export wrote into this folder itself)."""
     try:
-        report = json.loads((out / REPORT_NAME).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        fd = os.open(out / REPORT_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as handle:
+            report = json.loads(handle.read(1 << 24).decode("utf-8"))
+    except (OSError, ValueError):
         return set()
     if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
         return set()
@@ -267,28 +299,42 @@ def _check_targets(out: Path, split: str, kinds: Sequence[str], owned: set[str],
                           " use --images none to export labels for images in place")
 
 
+def _remove_leftovers(parent: Path, split: str) -> int:
+    """Staging and old folders of killed exports of this split (the lock is held: none is live)."""
+    if parent.is_symlink() or not parent.is_dir():
+        return 0
+    removed = 0
+    for leftover in list(parent.glob(f".{split}.staging-*")) + list(parent.glob(f".{split}.old-*")):
+        remove_stale_folder(leftover)
+        removed += 1
+    return removed
+
+
+def _unique(parent: Path, stem: str) -> Path:
+    return parent / f"{stem}-{os.getpid()}-{secrets.token_hex(8)}"
+
+
 def _fresh_folder(out: Path, kind: str, split: str) -> Path:
     parent = out / kind
-    for leftover in parent.glob(f".{split}.staging-*") if parent.is_dir() else ():
-        shutil.rmtree(leftover, ignore_errors=True)  # a killed export's temporary folder
-    folder = parent / f".{split}.staging-{os.getpid()}"
+    folder = _unique(parent, f".{split}.staging")
     try:
-        folder.mkdir(parents=True)
+        parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir()  # new, under an unpredictable name: never a folder or link planted in advance
     except OSError as exc:
-        raise ExportError(f"cannot create {folder}: {exc}") from exc
+        raise store_write_error(exc, folder, "a YOLO staging folder", note=EXPORT_NOTE) from exc
     return folder
 
 
 def _swap_in(staged: Path, final: Path) -> None:
     """Replace ``final`` by ``staged`` (two renames), then delete the old folder."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    old = _unique(final.parent, f".{final.name}.old")
     try:
         if final.exists() or final.is_symlink():
-            os.replace(final, old)
-        os.replace(staged, final)
+            os.rename(final, old)
+        os.rename(staged, final)
     except OSError as exc:
-        raise ExportError(f"cannot move the new export into {final}: {exc}") from exc
-    shutil.rmtree(old, ignore_errors=True)
+        raise store_write_error(exc, final, "the new YOLO export folder", note=EXPORT_NOTE) from exc
+    remove_stale_folder(old)
 
 
 def _count_missing(previous: Path, current: Path) -> int:
@@ -302,19 +348,26 @@ def _count_missing(previous: Path, current: Path) -> int:
 def _write_lines(path: Path, lines: list[str]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        with create_exclusive(path) as handle:  # in the fresh staging folder: a new file, never through a link
+            handle.write("".join(line + "\n" for line in lines).encode("utf-8"))
     except OSError as exc:
-        raise ExportError(f"cannot write {path}: {exc}") from exc
+        raise store_write_error(exc, path, "a YOLO label file", note=EXPORT_NOTE) from exc
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 def _place_image(uri: str, target: Path, mode: str) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         if mode == "symlink":
-            os.symlink(os.path.abspath(uri), target)
+            os.symlink(os.path.abspath(uri), target)  # fails on an existing name: never replaces anything
         else:
-            shutil.copyfile(uri, target)
+            with open(uri, "rb") as source, create_exclusive(target) as copy:
+                shutil.copyfileobj(source, copy, 1 << 20)
     except OSError as exc:
+        if exc.errno in _WRITE_ERRNOS:
+            raise store_write_error(exc, target, f"a {mode} of image {uri}", note=EXPORT_NOTE) from exc
         raise ExportError(f"cannot {mode} image {uri} to {target}: {exc}; check the file, or use --images"
                           " symlink / none") from exc
 
@@ -334,7 +387,7 @@ def _write_data_yaml(out: Path, report: YoloExportReport) -> None:
     data = {"path": str(out), "train": images, "val": images, "nc": len(report.class_names),
             "names": dict(enumerate(report.class_names))}
     text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-    write_bytes_atomic(out / "data.yaml", text.encode("utf-8"), "data.yaml")
+    write_bytes_atomic(out / "data.yaml", text.encode("utf-8"), "data.yaml", note=EXPORT_NOTE)
 
 
 __all__: Sequence[str] = ["YoloExportReport", "export_yolo", "mask_parts", "merge_parts"]
