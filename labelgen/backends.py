@@ -142,7 +142,7 @@ def _execute_loky(work: ShardWork, devices: list[str]) -> None:
     import multiprocessing
     from multiprocessing.managers import SyncManager
 
-    from joblib import Parallel, delayed
+    from joblib import Parallel, delayed, parallel_config
 
     setup, run_id = _WorkerSetup.of(work), uuid.uuid4().hex
     # spawn, not fork: a forked Manager would inherit the run lock's descriptor and keep the run
@@ -158,9 +158,11 @@ def _execute_loky(work: ShardWork, devices: list[str]) -> None:
         try:
             jobs = (delayed(_run_shard_in_worker)(setup, shard, ticks, run_id, slots, devices[k % len(devices)])
                     for k, shard in enumerate(work.shards))
-            parallel = Parallel(n_jobs=len(devices), backend="loky", return_as="generator_unordered")
-            for shard_index, outcome in parallel(jobs):
-                work.on_outcome(shard_index, outcome)
+            # every worker watches the driver from its start, even one that never gets a shard
+            with parallel_config(backend="loky", initializer=exit_with_parent):
+                parallel = Parallel(n_jobs=len(devices), return_as="generator_unordered")
+                for shard_index, outcome in parallel(jobs):
+                    work.on_outcome(shard_index, outcome)
         finally:
             ticks.put(None)
             pump.join(timeout=5)
@@ -318,7 +320,7 @@ def _ray_loopback_only() -> Iterator[None]:
     """While Ray starts: its single-machine mode (node IP 127.0.0.1), in this process (Ray's constant
     is read at ``import ray``, which may have happened already) and in the processes it starts.
     Restored afterwards, so that joining a cluster later from this process still works."""
-    constants = getattr(getattr(sys.modules.get("ray"), "_private", None), "ray_constants", None)
+    constants = sys.modules.get("ray._private.ray_constants")
     saved_env, saved_flag = os.environ.get(_RAY_LOCAL_ONLY_ENV), getattr(constants, "ENABLE_RAY_CLUSTER", None)
     os.environ[_RAY_LOCAL_ONLY_ENV] = "0"
     if saved_flag is not None:

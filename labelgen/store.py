@@ -148,6 +148,7 @@ class RunStore:
         self.failures_jsonl = self.root / "failures.jsonl"
         self.lock_path = self.root / ".lock"
         self._lock_fd: int | None = None
+        self._warned: set[int] = set()  # corrupt shards already named in a warning
 
     # -- lock -------------------------------------------------------------------------
     def acquire_lock(self) -> None:
@@ -506,7 +507,8 @@ class RunStore:
             except CorruptRunError as exc:
                 if on_corrupt is not None:
                     on_corrupt(shard, str(exc))
-                else:
+                elif shard.index not in self._warned:  # once per shard, however often it is read
+                    self._warned.add(shard.index)
                     log.warning("skipping shard %s: %s", shard.key, exc)
                 continue
             yield shard, state.record, rows
