@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="one category for everything (default: class-aware when class names overlap)")
     mode.add_argument("--class-aware", dest="class_agnostic", action="store_const", const=False,
                       help="match prediction classes to ground-truth categories by name")
+    ev.add_argument("--all-gt", action="store_true",
+                    help="count every ground-truth image (those the run has no row for are misses); default: only"
+                         " the ground-truth images the run has a row for, e.g. the labelled part of a partial run")
     ev.add_argument("--out", metavar="DIR", help="write eval.json and pr_segm.png / pr_bbox.png here")
     ev.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -393,13 +396,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.filtered or args.reviewed:
             raise ConfigError("choose one of --filtered NAME, --reviewed NAME, or filter options")
         config = load_filter_config(args.filter_config, args.overrides)
-        results = evaluate_before_after(args.run_dir, gt, config, class_agnostic=args.class_agnostic)
+        results = evaluate_before_after(args.run_dir, gt, config, class_agnostic=args.class_agnostic,
+                                        all_gt=args.all_gt)
         payload = {name: result.to_dict() for name, result in results.items()}
         text = "\n\n".join(f"{name} filtering\n{result.table()}" for name, result in results.items())
     else:
         source = open_export_source(args.run_dir, filtered=args.filtered, reviewed=args.reviewed)
-        results = {"": evaluate(source, gt, class_agnostic=args.class_agnostic)}
+        results = {"": evaluate(source, gt, class_agnostic=args.class_agnostic, all_gt=args.all_gt)}
         payload, text = results[""].to_dict(), results[""].table()
+    print(results[next(iter(results))].scope, file=sys.stderr)  # which ground-truth images were counted
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,13 @@ run directory (e.g. from ``labelgen import``). Ground-truth images that failed t
 COCO ``file_name``; YOLO: the path under its images folder): (1) equal names; (2) the prediction's name
 or image_id equal to the ground truth's image_id (for COCO JSON, its numeric ``id``); (3) a unique path
 suffix of either side (``train2017/a.jpg`` vs ``a.jpg``). Prediction images with no match (or whose
-match is taken) are counted and listed, not evaluated; ground-truth images without predictions are misses.
+match is taken) are counted and listed, not evaluated.
+
+**Which ground-truth images count**: by default only those the run has a committed row for (labelled,
+or failed: a failed image is the run's miss), so a partial or interrupted run is scored on what it
+labelled instead of every image it never reached counting as missed; ``EvalResult.scope`` says
+"evaluated on N of M ground-truth images" (also in ``images`` and the payload). ``all_gt=True``
+(``labelgen eval --all-gt``) evaluates every ground-truth image: those without a row are misses.
 
 **Categories**: class-aware maps prediction classes to ground-truth categories by name (other classes
 are excluded and counted in ``unknown_classes``); class-agnostic gives every annotation and detection
@@ -83,6 +89,8 @@ class EvalResult:
     unmatched_prediction_images: list[str]  # the first UNMATCHED_LISTED; images["unmatched_predictions"] counts all
     ground_truth: dict = field(default_factory=dict)
     predictions: dict = field(default_factory=dict)
+    all_gt: bool = False  # every ground-truth image counted (else only those the run has rows for)
+    scope: str = ""  # "evaluated on N of M ground-truth images ...": one line for the user
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))  # tuples -> lists; plain JSON types only
@@ -198,12 +206,15 @@ def _coco_image(entry: dict, number: int, path: Path) -> dict:
 # -- evaluation -----------------------------------------------------------------------------------
 def evaluate(source: ExportSource, gt: str | os.PathLike[str] | GroundTruth, *,
              iou_types: Sequence[str] = IOU_TYPES, class_agnostic: bool | None = None,
-             max_dets: Sequence[int] = (1, 10, 100), gt_split: str | None = None) -> EvalResult:
+             max_dets: Sequence[int] = (1, 10, 100), gt_split: str | None = None,
+             all_gt: bool = False) -> EvalResult:
     """COCO AP/AR of ``source``'s labels against ``gt`` (path, or ``load_ground_truth``'s result).
 
     ``class_agnostic``: None picks class-aware when both sides have overlapping class names.
     ``max_dets``: three increasing detection limits per image (COCO's 1, 10, 100).
-    ``gt_split``: the split of a YOLO ground-truth dataset."""
+    ``gt_split``: the split of a YOLO ground-truth dataset.
+    ``all_gt``: evaluate every ground-truth image; by default only those the run has a row for (see the
+    module doc), and ``ExportError`` when there is none."""
     iou_types, max_dets = _check_options(iou_types, max_dets)
     truth = gt if isinstance(gt, GroundTruth) else load_ground_truth(gt, split=gt_split)
     if not truth.images:
@@ -212,21 +223,39 @@ def evaluate(source: ExportSource, gt: str | os.PathLike[str] | GroundTruth, *,
     categories = list(truth.class_names) if class_aware else [_AGNOSTIC]
     category_of = {name: i + 1 for i, name in enumerate(categories)}
     predictions = _collect_predictions(source, truth, category_of if class_aware else None)
+    if not all_gt and not predictions.covered:
+        raise ExportError(f"none of the run's {predictions.images} images match a ground-truth image"
+                          f" ({len(truth.images)} in {truth.description.get('path')}); check --gt (and --gt-split),"
+                          " or pass --all-gt to score every ground-truth image as missed")
+    evaluated = {image["id"] for image in truth.images} if all_gt else predictions.covered
     coco_gt = _coco_ground_truth(truth, category_of if class_aware else None, categories)
-    result = EvalResult(class_aware, iou_types, max_dets, categories, {}, {}, {}, *predictions.counts(truth),
-                        dict(sorted(predictions.unknown.items())),
+    result = EvalResult(class_aware, iou_types, max_dets, categories, {}, {}, {},
+                        *predictions.counts(truth, evaluated), dict(sorted(predictions.unknown.items())),
                         predictions.unmatched[:UNMATCHED_LISTED], truth.description,
                         {"run_dir": str(source.store.root), "run_id": source.run_id, "filtered_on_the_fly":
                          source.filter_config is not None, "copy": source.copy_kind and
-                         f"{source.copy_kind}/{source.copy_name}"})
+                         f"{source.copy_kind}/{source.copy_name}"}, all_gt)
+    result.scope = _scope_line(result.images, all_gt)
     for iou_type in iou_types:
-        run = _run_cocoeval(coco_gt, predictions.results(iou_type), iou_type, max_dets)
+        run = _run_cocoeval(coco_gt, predictions.results(iou_type), iou_type, max_dets,
+                            None if all_gt else sorted(evaluated))
         result.metrics[iou_type] = _stats(run.stats, max_dets)
         precision = run.eval["precision"]
         result.pr_curves[iou_type] = _pr_curves(precision, run.params)
         result.per_class_ap[iou_type] = {name: _mean_valid(precision[:, :, k, 0, -1])
                                          for k, name in enumerate(categories)} if class_aware else {}
     return result
+
+
+def _scope_line(images: dict[str, int], all_gt: bool) -> str:
+    evaluated, total, outside = images["ground_truth_evaluated"], images["ground_truth"], images["ground_truth_not_in_run"]
+    if not outside:
+        return f"evaluated on all {total} ground-truth images (the run has a row for each)"
+    if all_gt:
+        return (f"evaluated on all {total} ground-truth images (--all-gt): the {outside} the run has no row for"
+                " count as misses")
+    return (f"evaluated on {evaluated} of {total} ground-truth images, those the run has a row for; the other"
+            f" {outside} are left out (--all-gt counts them as misses)")
 
 
 def evaluate_before_after(run_dir: str | os.PathLike[str], gt: str | os.PathLike[str] | GroundTruth,
@@ -270,7 +299,8 @@ class _Predictions:
     rows: list[dict] = field(default_factory=list)  # image_id, category_id, rle, bbox, score
     images: int = 0
     failed: int = 0
-    matched: set = field(default_factory=set)
+    matched: set = field(default_factory=set)  # ground-truth ids with a labelled (ok) row
+    covered: set = field(default_factory=set)  # ground-truth ids with any row (ok or failed)
     unmatched: list[str] = field(default_factory=list)
     unmatched_instances: int = 0
     unknown: Counter = field(default_factory=Counter)
@@ -280,16 +310,19 @@ class _Predictions:
         return [{"image_id": r["image_id"], "category_id": r["category_id"], key: r[column], "score": r["score"]}
                 for r in self.rows]
 
-    def counts(self, truth: GroundTruth) -> tuple[dict[str, int], dict[str, int]]:
-        """(image counts, instance counts)."""
-        crowd = sum(a["iscrowd"] for a in truth.annotations)
+    def counts(self, truth: GroundTruth, evaluated: set) -> tuple[dict[str, int], dict[str, int]]:
+        """(image counts, instance counts); ground-truth instances are those of the ``evaluated`` images."""
+        inside = [a for a in truth.annotations if a["image_id"] in evaluated]
+        crowd = sum(a["iscrowd"] for a in inside)
+        outside = sum(1 for a in truth.annotations if a["image_id"] not in self.covered and not a["iscrowd"])
         return ({"ground_truth": len(truth.images), "ground_truth_failed": truth.failed_images,
                  "predicted": self.images, "prediction_failed": self.failed, "matched": len(self.matched),
-                 "ground_truth_without_predictions": len(truth.images) - len(self.matched),
-                 "unmatched_predictions": len(self.unmatched)},
-                {"ground_truth": len(truth.annotations) - crowd, "ground_truth_crowd": crowd,
-                 "evaluated": len(self.rows), "unmatched_image": self.unmatched_instances,
-                 "unknown_class": sum(self.unknown.values())})
+                 "ground_truth_without_predictions": len(evaluated) - len(self.matched),
+                 "unmatched_predictions": len(self.unmatched), "ground_truth_evaluated": len(evaluated),
+                 "ground_truth_not_in_run": len(truth.images) - len(self.covered)},
+                {"ground_truth": len(inside) - crowd, "ground_truth_crowd": crowd,
+                 "ground_truth_not_in_run": outside, "evaluated": len(self.rows),
+                 "unmatched_image": self.unmatched_instances, "unknown_class": sum(self.unknown.values())})
 
 
 def _collect_predictions(source: ExportSource, truth: GroundTruth, category_of: dict | None) -> _Predictions:
@@ -298,15 +331,18 @@ def _collect_predictions(source: ExportSource, truth: GroundTruth, category_of: 
     names = None if source.class_agnostic else source.class_names
     for item in source:
         found.images += 1
-        if item.instances is None:
-            found.failed += 1
-            continue
         image_id = index.find(_relative_name(item.image, root), item.image.image_id)
+        if item.instances is None:  # the run's miss: its ground truth is evaluated, with no detections
+            found.failed += 1
+            if image_id is not None:
+                found.covered.add(image_id)
+            continue
         if image_id is None or image_id in found.matched:
             found.unmatched.append(item.image.image_id)
             found.unmatched_instances += len(item.instances)
             continue
         found.matched.add(image_id)
+        found.covered.add(image_id)
         scores = item.instances.scores.get("confidence")
         for i, (rle, bbox, _, class_id) in enumerate(_instance_rows(item.instances)):
             known = names is not None and class_id is not None and class_id < len(names)
@@ -392,7 +428,8 @@ def _coco_ground_truth(truth: GroundTruth, category_of: dict | None, categories:
     return coco
 
 
-def _run_cocoeval(coco_gt: COCO, results: list[dict], iou_type: str, max_dets: tuple[int, ...]) -> COCOeval:
+def _run_cocoeval(coco_gt: COCO, results: list[dict], iou_type: str, max_dets: tuple[int, ...],
+                  image_ids: list[int] | None = None) -> COCOeval:
     with _quiet():
         if results:
             coco_dt = coco_gt.loadRes(results)
@@ -402,6 +439,8 @@ def _run_cocoeval(coco_gt: COCO, results: list[dict], iou_type: str, max_dets: t
             coco_dt.createIndex()
         run = COCOeval(coco_gt, coco_dt, iou_type)
         run.params.maxDets = list(max_dets)
+        if image_ids is not None:  # only these ground-truth images (and their detections) count
+            run.params.imgIds = list(image_ids)
         run.evaluate()
         run.accumulate()
         run.summarize()

@@ -185,12 +185,13 @@ def test_unmatched_images_and_unknown_classes_are_reported(tmp_path):
     run = _prediction_run(tmp_path, {"a.png": [("cat", 5, 5, 10), ("zebra", 30, 30, 10)],
                                      "b.png": [("dog", 5, 5, 10)], "c.png": [("cat", 5, 5, 10)]},
                           ("cat", "dog", "zebra"))
-    result = evaluate(open_export_source(run), gt)
+    result = evaluate(open_export_source(run), gt, all_gt=True)  # d.png, which the run lacks, counts as missed
     assert result.class_aware and result.categories == ["cat", "dog"]
     assert result.unknown_classes == {"zebra": 1} and result.instances["unknown_class"] == 1
     assert result.unmatched_prediction_images == ["c.png"]
     assert result.images == {"ground_truth": 3, "ground_truth_failed": 0, "predicted": 3, "prediction_failed": 0,
-                             "matched": 2, "ground_truth_without_predictions": 1, "unmatched_predictions": 1}
+                             "matched": 2, "ground_truth_without_predictions": 1, "unmatched_predictions": 1,
+                             "ground_truth_evaluated": 3, "ground_truth_not_in_run": 1}
     assert result.instances["unmatched_image"] == 1 and result.instances["evaluated"] == 2
     assert result.per_class_ap["segm"]["cat"] == pytest.approx(_ap_at_recall(0.5))  # d.png's cat is missed
     assert result.per_class_ap["segm"]["dog"] == 1.0
@@ -212,13 +213,15 @@ def _run_with_failed_image(json_path, out, failed_name):
 
 
 def test_failed_images_on_either_side(tmp_path):
-    """A failed ground-truth image is left out (its prediction is unmatched); a failed prediction is a miss."""
+    """A failed ground-truth image is left out (its prediction is unmatched); a failed prediction is a miss
+    (the run has a row for that image: it is evaluated, not left out as never labelled)."""
     three = {name: [("thing", 5, 5, 10)] for name in ("a.png", "b.png", "c.png")}
     gt = _run_with_failed_image(_coco_json(tmp_path / "gt" / "gt.json", three), tmp_path / "gt-run", "c.png")
     run = _run_with_failed_image(_coco_json(tmp_path / "pred" / "pred.json", three), tmp_path / "run", "b.png")
     result = evaluate(open_export_source(run), gt)
     assert result.images == {"ground_truth": 2, "ground_truth_failed": 1, "predicted": 3, "prediction_failed": 1,
-                             "matched": 1, "ground_truth_without_predictions": 1, "unmatched_predictions": 1}
+                             "matched": 1, "ground_truth_without_predictions": 1, "unmatched_predictions": 1,
+                             "ground_truth_evaluated": 2, "ground_truth_not_in_run": 0}
     assert result.unmatched_prediction_images == ["c.png"]
     assert result.metrics["segm"]["AR@100"] == 0.5
 
@@ -273,6 +276,70 @@ def test_class_aware_needs_names_on_both_sides(tmp_path):
     with pytest.raises(ConfigError, match="ground truth has none"):
         evaluate(open_export_source(run), gt, class_agnostic=False)
     assert evaluate(open_export_source(run), gt).class_aware is False
+
+
+# -- a run that labelled only part of the ground truth (issue 11, item 12) -------------------------
+def test_partial_run_is_evaluated_on_the_images_it_labelled(tmp_path):
+    gt = _coco_json(tmp_path / "gt" / "gt.json", GT_FOUR)
+    run = _prediction_run(tmp_path, {"a.png": GT_FOUR["a.png"]})  # b.png never labelled
+    result = evaluate(open_export_source(run), gt)
+    assert result.all_gt is False
+    assert result.images["ground_truth_evaluated"] == 1 and result.images["ground_truth_not_in_run"] == 1
+    assert result.images["ground_truth_without_predictions"] == 0
+    assert result.instances["ground_truth"] == 2 and result.instances["ground_truth_not_in_run"] == 2
+    for iou_type in ("segm", "bbox"):
+        assert result.metrics[iou_type]["AP"] == result.metrics[iou_type]["AR@100"] == 1.0
+    assert result.scope.startswith("evaluated on 1 of 2 ground-truth images") and "--all-gt" in result.scope
+    assert result.to_dict()["scope"] == result.scope and result.to_dict()["all_gt"] is False
+    every = evaluate(open_export_source(run), gt, all_gt=True)
+    assert every.all_gt and every.images["ground_truth_evaluated"] == 2 and every.images["ground_truth_not_in_run"] == 1
+    assert every.images["ground_truth_without_predictions"] == 1 and every.instances["ground_truth"] == 4
+    assert every.metrics["segm"]["AR@100"] == 0.5 and every.metrics["segm"]["AP"] == pytest.approx(_ap_at_recall(0.5))
+    assert every.scope.startswith("evaluated on all 2 ground-truth images")
+
+
+def test_interrupted_fake_run_against_its_complete_twin(tmp_path, image_dir):
+    """A real run with a pending shard: its 8 committed images score 1.0 against the complete run."""
+    from labelgen.runner import run as run_labels
+    from labelgen.sources import FolderSource
+    from labelgen.store import RunStore
+
+    from conftest import make_recipe
+
+    run_labels(make_recipe(), FolderSource(image_dir), tmp_path / "complete")
+    run_labels(make_recipe(), FolderSource(image_dir), tmp_path / "partial")
+    RunStore(tmp_path / "partial").shard_done(2).unlink()  # shards of 4: images 9 and 10 pending
+    result = evaluate(open_export_source(tmp_path / "partial"), tmp_path / "complete")
+    assert result.images["ground_truth_evaluated"] == 8 and result.images["ground_truth"] == 10
+    assert result.metrics["segm"]["AP"] == result.metrics["bbox"]["AR@100"] == 1.0
+    before_after = evaluate_before_after(tmp_path / "partial", tmp_path / "complete", FilterConfig(min_area=1))
+    assert before_after["after"].images["ground_truth_evaluated"] == 8
+    every = evaluate(open_export_source(tmp_path / "partial"), tmp_path / "complete", all_gt=True)
+    assert every.metrics["segm"]["AR@100"] < 1.0 and every.images["ground_truth_without_predictions"] == 2
+
+
+def test_no_ground_truth_image_in_the_run_is_a_clear_error(tmp_path):
+    gt = _coco_json(tmp_path / "gt" / "gt.json", GT_FOUR)
+    run = _prediction_run(tmp_path, {"elsewhere.png": GT_FOUR["a.png"]})
+    with pytest.raises(ExportError, match="none of the run's 1 images"):
+        evaluate(open_export_source(run), gt)
+    assert evaluate(open_export_source(run), gt, all_gt=True).metrics["segm"]["AR@100"] == 0.0
+
+
+def test_cli_says_which_ground_truth_images_were_evaluated(tmp_path, capsys):
+    gt = _coco_json(tmp_path / "gt" / "gt.json", GT_FOUR)
+    run = _prediction_run(tmp_path, {"a.png": GT_FOUR["a.png"]})
+    assert cli_main(["eval", str(run), "--gt", str(gt), "--json"]) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if "ground-truth images" in line]
+    assert len(lines) == 1 and lines[0].startswith("evaluated on 1 of 2 ground-truth images") and "--all-gt" in lines[0]
+    data = json.loads(captured.out)
+    assert data["all_gt"] is False and data["images"]["ground_truth_evaluated"] == 1 and data["scope"] == lines[0]
+    assert data["metrics"]["segm"]["AP"] == 1.0
+    assert cli_main(["eval", str(run), "--gt", str(gt), "--all-gt", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "evaluated on all 2 ground-truth images" in captured.err
+    assert json.loads(captured.out)["metrics"]["segm"]["AR@100"] == 0.5
 
 
 def test_plot_pr_curves_writes_png(tmp_path):
