@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import heapq
 import json
-import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -45,8 +44,6 @@ from ..instances import Instances
 from .paths import export_lock, relative_to_root, remove_stale_export_temps, safe_join
 from .polygons import mask_to_polygons, polygons_iou
 from .source import ExportItem, ExportSource, log_incomplete
-
-log = logging.getLogger(__name__)
 
 ANNOTATIONS_FILE = "annotations.json"
 REPORT_FILE = "export_report.json"
