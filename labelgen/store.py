@@ -284,9 +284,10 @@ class RunStore:
     def check_same_run(self, recipe: Recipe, source_spec: dict[str, Any]) -> None:
         """Raise ``ConfigMismatchError`` with a readable diff if the run was made differently."""
         manifest = self.manifest()
+        stored = self.stored_config()  # verified against run.json even when nothing changed
         lines = []
         if manifest["fingerprint"] != recipe.fingerprint():
-            old = {k: v for k, v in self.stored_config().items() if k in IDENTITY_SECTIONS}
+            old = {k: v for k, v in stored.items() if k in IDENTITY_SECTIONS}
             lines += config_diff(old, recipe.identity()) or ["  (configuration fingerprint differs)"]
         if manifest["source"] != source_spec:
             lines += config_diff({"source": manifest["source"]}, {"source": source_spec})
