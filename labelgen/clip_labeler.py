@@ -27,7 +27,7 @@ from .errors import ConfigError, GeneratorError, ValidationError
 from .instances import Instances
 from .labeling import LabelerConfig, class_names, class_prompts, instance_crops, with_labels
 from .labeling import preflight as preflight_weights
-from .zipmethod.loading import autocast
+from .zipmethod.loading import autocast, resolve_precision
 from .zipmethod.prompts import PROMPT_TEMPLATES
 from .zipmethod.semantic import (
     _clip_mean_std,
@@ -70,6 +70,7 @@ class ClipLabeler:
         self.tokenizer = tokenizer
         self.config = config
         self.device = torch.device(device)
+        self.precision = resolve_precision(config.precision, self.device)  # "auto" -> native bf16 or fp32
         self.facts = dict(facts or {"model": config.model, "pretrained": config.pretrained})
         self.class_names = class_names(config)
         self.mean, self.std = _clip_mean_std(model.visual)
@@ -106,8 +107,9 @@ class ClipLabeler:
         cfg = self.config
         return {
             "labeler": self.name, **self.facts, "random_weights": cfg.random_weights, "device": str(self.device),
-            "precision": cfg.precision, "crop": cfg.crop, "padding": cfg.padding, "input_size": cfg.input_size,
-            "use_templates": cfg.use_templates, "classes": list(self.class_names),
+            "precision": self.precision, "precision_requested": cfg.precision, "crop": cfg.crop,
+            "padding": cfg.padding, "input_size": cfg.input_size, "use_templates": cfg.use_templates,
+            "classes": list(self.class_names),
         }
 
     # -- text side ------------------------------------------------------------------------
@@ -162,7 +164,7 @@ class ClipLabeler:
         return features.float()
 
     def _autocast(self):
-        return autocast(self.device, self.config.precision)
+        return autocast(self.device, self.precision)
 
     # -- labelling -------------------------------------------------------------------------
     def classify(self, image_features: torch.Tensor) -> np.ndarray:

@@ -21,6 +21,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from .checks import FieldValueError, bounded, check_fields, one_of
 from .errors import ConfigError
 from .labeling import LabelerConfig
 from .labeling import class_names as labeler_class_names
@@ -37,36 +40,55 @@ from .scoring import ScoringConfig
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")  # what ``execution.device`` / ``devices`` may be
+
+
 @dataclass(frozen=True)
 class ImagesConfig:
     """How images are read. Part of the run's identity (fingerprinted)."""
 
-    max_pixels: int = 200_000_000  # width*height above this is a `too_large` failure (decompression bombs)
+    max_pixels: int = bounded(200_000_000, 1, 10**12)  # width*height above this is a `too_large` failure
+    # (decompression bombs)
     compute_sha256: bool = True  # store each file's content hash in its record
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS  # folder sources: which files are images
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class StoreConfig:
     """How results are stored. Part of the run's identity (fingerprinted)."""
 
-    shard_size: int = 256  # images per shard: the unit of commit and of resume (1..100000)
-    compress_level: int = 6  # gzip level of shard files (1..9)
+    shard_size: int = bounded(256, 1, 100_000)  # images per shard: the unit of commit and of resume
+    compress_level: int = bounded(6, 1, 9)  # gzip level of shard files
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class ExecutionConfig:
     """How the run executes. Not fingerprinted: may change between resumes."""
 
-    workers: int = 1  # process workers (local) or Ray actors; each loads the model once
+    workers: int = bounded(1, 1, 1024)  # process workers (local) or Ray actors; each loads the model once
     device: str = "cpu"  # cpu, cuda (every visible GPU, one per worker in turn), cuda:N
-    threads_per_worker: int = 0  # torch CPU threads per worker; 0 = cores // workers
-    backend: Literal["local", "ray"] = "local"  # local: this machine (joblib loky); ray: Ray actors
+    threads_per_worker: int = bounded(0, 0, 4096)  # torch CPU threads per worker; 0 = cores // workers
+    backend: Literal["local", "ray"] = one_of("local", ("local", "ray"))  # local: this machine (joblib loky);
+    # ray: Ray actors
     ray_address: str = ""  # ray backend: "" starts a local Ray runtime; "auto", "HOST:PORT", "ray://HOST:10001"
     devices: tuple[str, ...] = ()  # local backend: worker i uses devices[i % len]; overrides `device`
     cache_dir: str = ""  # feature cache (encoder outputs by image content + model); "" = off
-    cache_max_gb: float = 50.0  # feature cache size bound (least recently used entries are evicted)
-    batch_size: int = 1  # images per image-encoder call (CLIP, SAM); halved automatically on out-of-memory
+    cache_max_gb: float = bounded(50.0, 0, 1_000_000, low_open=True)  # feature cache size bound (least
+    # recently used entries are evicted)
+    batch_size: int = bounded(1, 1, 4096)  # images per image-encoder call (CLIP, SAM); halved on out-of-memory
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name, values in (("device", (self.device,)), ("devices", self.devices)):
+            for value in values:
+                if not isinstance(value, str) or not DEVICE_PATTERN.fullmatch(value):
+                    raise FieldValueError(name, f"expected cpu, cuda or cuda:N (N = a GPU index); got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -88,11 +110,12 @@ class Recipe:
     description: str = ""
 
     def __post_init__(self) -> None:
-        _check_range("store.shard_size", self.store.shard_size, 1, 100_000)
-        _check_range("store.compress_level", self.store.compress_level, 1, 9)
-        _check_range("execution.workers", self.execution.workers, 1, 1024)
-        _check_range("execution.batch_size", self.execution.batch_size, 1, 4096)
-        _check_range("images.max_pixels", self.images.max_pixels, 1, 10**12)
+        for name in ("images", "store", "execution"):  # each section checks its own values when built
+            expected = {"images": ImagesConfig, "store": StoreConfig, "execution": ExecutionConfig}[name]
+            if not isinstance(getattr(self, name), expected):
+                raise ConfigError(f"{name}: expected a {expected.__name__}; got {type(getattr(self, name)).__name__}")
+        if not isinstance(self.description, str):
+            raise ConfigError(f"description: expected a string; got {type(self.description).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-ready mapping; ``recipe_from_dict`` of it gives an equal recipe."""
@@ -147,19 +170,157 @@ def canonical_json(data: Any) -> str:
 
 
 # -- loading ---------------------------------------------------------------------------
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
-    """Read a YAML recipe, apply ``key.path=value`` overrides, validate strictly."""
+MAX_YAML_BYTES = 4 * 2**20  # a recipe or filter file is a few KB; refuse anything past this
+MAX_YAML_VALUES = 100_000  # values (mappings, lists, scalars) after every alias is expanded
+MAX_YAML_CHARS = 8 * 2**20  # characters of scalar text after every alias is expanded
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _Refused(Exception):
+    """Raised inside the loader for YAML that is valid but that labelgen refuses; becomes a ConfigError."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with two differences: dates and timestamps load as the plain strings they
+    are written as (``2024-01-01`` stays ``"2024-01-01"``), and a key given twice in one mapping is
+    an error instead of the last one silently winning. Use it through ``load_yaml``, which also
+    bounds the size of the document once its aliases are expanded."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == _MERGE_TAG:
+                    continue  # `<<: *base` merges; keys written next to it override, as YAML says
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    continue  # unhashable key: the base class reports it
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise _Refused(f"key {key!r} appears twice at line {line} (first at line {first});"
+                                   " delete one of them")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _TIMESTAMP_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+StrictLoader.add_constructor(_TIMESTAMP_TAG, yaml.constructor.SafeConstructor.construct_yaml_str)  # !!timestamp
+
+
+def load_yaml(text: str, source: str, what: str = "recipe") -> Any:
+    """Parse one YAML document the way ``yaml.safe_load`` does, with ``StrictLoader``'s two
+    differences, refusing documents whose expanded size passes ``MAX_YAML_VALUES`` values or
+    ``MAX_YAML_CHARS`` characters ("billion laughs") or that contain themselves (``&a [*a]``).
+    Every problem is a one-line ``ConfigError`` naming ``what`` and ``source``."""
+    try:
+        return _load_yaml_text(text)
+    except _Refused as exc:
+        raise ConfigError(f"{what} {source}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {source} is not valid YAML: {_yaml_error_line(exc)}") from None
+
+
+def _load_yaml_text(text: str) -> Any:
+    loader = StrictLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _check_expanded_size(node)
+            return loader.construct_document(node)
+        except RecursionError:
+            raise _Refused("is nested too deeply (hundreds of levels); a recipe is a few levels deep") from None
+    finally:
+        loader.dispose()
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the values and scalar characters of the document as if every alias were copied out,
+    without copying: each node is counted once and its total reused wherever an alias points to it.
+    A node reached again while its own children are being counted is a recursive alias."""
+    totals: dict[int, tuple[int, int]] = {}  # id(node) -> (values, characters) of its expansion
+    open_nodes: set[int] = set()  # nodes whose children are being counted (the current path)
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if children_done:
+            open_nodes.discard(key)
+            values = 1 + sum(totals[id(c)][0] for c in children)
+            chars = (len(node.value) if isinstance(node, yaml.ScalarNode) else 0) + sum(totals[id(c)][1] for c in children)
+            if values > MAX_YAML_VALUES or chars > MAX_YAML_CHARS:
+                raise _Refused(
+                    f"expands to more than {MAX_YAML_VALUES} values or {MAX_YAML_CHARS // 2**20} MiB of text once its"
+                    f" aliases are expanded (anchors nested inside anchors near line {node.start_mark.line + 1},"
+                    " a 'billion laughs' document); a recipe needs far fewer: write the values out")
+            totals[key] = (values, chars)
+            continue
+        if key in totals:
+            continue
+        if key in open_nodes:
+            raise _Refused(f"the anchor at line {node.start_mark.line + 1} is used inside its own value (a recursive"
+                           " alias such as `&a [*a]`); a value cannot contain itself: write it out instead")
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in reversed(children))
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _yaml_error_line(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: what is wrong, and where."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        what = "; ".join(p for p in (exc.context, exc.problem) if p) or type(exc).__name__
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"{what}{where}. Fix the YAML syntax there"
+    return " ".join(str(exc).split())
+
+
+def read_yaml_file(path: str | Path, what: str = "recipe", missing_hint: str = "") -> Any:
+    """The YAML document of file ``path`` through ``load_yaml``: UTF-8 text, at most ``MAX_YAML_BYTES``.
+
+    Errors are ``ConfigError``s naming ``what`` and the file (``missing_hint`` follows "not found").
+    """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_YAML_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError(f"recipe file not found: {path}. Pass a YAML file, e.g. recipes/zip-paper.yaml") from None
+        raise ConfigError(f"{what} file not found: {path}.{' ' + missing_hint if missing_hint else ''}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder; expected a YAML file") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read recipe {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(f"{what} {path} is larger than {MAX_YAML_BYTES // 2**20} MiB; a {what} is a few KB of"
+                          " YAML: is this the right file?")
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line},"
+                          f" byte offset {exc.start}); save it as UTF-8") from None
+    return load_yaml(text, str(path), what)
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply ``key.path=value`` overrides, validate strictly."""
+    data = read_yaml_file(path, "recipe", "Pass a YAML file, e.g. recipes/zip-paper.yaml")
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -168,16 +329,22 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Return a deep copy of ``data`` with each ``a.b.c=value`` applied (value parsed as YAML)."""
-    result = json.loads(json.dumps(data))
+    """Return a deep copy of ``data`` with each ``a.b.c=value`` applied (value parsed as YAML).
+
+    The copy holds plain dicts, lists, strings, numbers, booleans and ``None`` only; anything
+    else (bytes, sets, a structure that contains itself) is a ``ConfigError`` naming its key.
+    """
+    result = plain_copy(data, "")
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects dotted.key=value; got {item!r}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = plain_copy(_load_yaml_text(raw), key.strip()) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        except _Refused as exc:
+            raise ConfigError(f"--set {key.strip()}: the value {exc}") from None
         node = result
         parts = key.strip().split(".")
         for i, part in enumerate(parts[:-1]):
@@ -187,6 +354,35 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
             node = child
         node[parts[-1]] = value
     return result
+
+
+def plain_copy(value: Any, where: str) -> Any:
+    """A copy of ``value`` made of dicts (string keys, as JSON has), lists and JSON scalars."""
+    try:
+        return _plain_copy(value, where)
+    except RecursionError:
+        raise ConfigError(f"{where or 'recipe'}: nested too deeply or contains itself; write the values out") from None
+
+
+def _plain_copy(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, Mapping):
+        return {_plain_key(k, where): _plain_copy(v, _join(where, str(k))) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_copy(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise ConfigError(f"{where or 'recipe'}: expected a string, a number, true/false, a list or a mapping;"
+                      f" got {type(value).__name__} {shown}")
+
+
+def _plain_key(key: Any, where: str) -> str:
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, (bool, int, float)):
+        return json.dumps(key)  # what JSON makes of such a key (1 -> "1", true -> "true")
+    raise ConfigError(f"{where or 'recipe'}: mapping keys must be strings or numbers; got {type(key).__name__} {key!r}")
 
 
 def recipe_from_dict(data: Mapping[str, Any], source: str = "recipe") -> Recipe:
@@ -233,6 +429,8 @@ def from_mapping(cls: type, data: Any, path: str) -> Any:
     kwargs = {key: _coerce(hints[key], value, _join(path, key)) for key, value in data.items()}
     try:
         return cls(**kwargs)
+    except FieldValueError as exc:  # a value out of its range: name the dotted recipe key
+        raise ConfigError(f"{_join(path, exc.field)}: {exc.detail}") from None
     except TypeError as exc:  # a required field was missing
         raise ConfigError(f"{where}: {exc}") from None
 
@@ -295,17 +493,14 @@ def _coerce_scalar(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number; got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number; got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string; got {type(value).__name__} {value!r}")
         return value
     raise ConfigError(f"{path}: unsupported config type {tp!r}")  # a bug in a Config class
-
-
-def _check_range(name: str, value: int, low: int, high: int) -> None:
-    if not low <= value <= high:
-        raise ConfigError(f"{name}: expected {low}..{high}; got {value}")
 
 
 def _join(path: str, key: str) -> str:

@@ -13,9 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
-import yaml
-
-from .config import apply_overrides, from_mapping
+from .config import apply_overrides, from_mapping, read_yaml_file
 from .errors import ConfigError
 from .scoring import ScoringConfig
 
@@ -152,14 +150,7 @@ def _class_keys_as_strings(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_yaml_mapping(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"filter file not found: {path}. Pass a YAML file of filter options") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read filter file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"filter file {path} is not valid YAML: {exc}") from None
+    data = read_yaml_file(path, "filter file", "Pass a YAML file of filter options")  # bounded, strict, UTF-8
     if data is None:
         return {}
     if not isinstance(data, dict):

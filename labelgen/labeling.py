@@ -25,6 +25,7 @@ import numpy as np
 from .errors import ConfigError, ValidationError
 from .instances import Instances
 from .masks import rles_to_masks
+from .zipmethod.config import PRECISION_CHOICES
 
 LABEL_PROB = "clip_label_prob"
 LABEL_MARGIN = "clip_label_margin"
@@ -53,7 +54,8 @@ class LabelerConfig:
     input_size: int = 224  # each crop is squashed to input_size^2 (bicubic) before CLIP
     batch_size: int = 32  # crops per image-encoder call (1..4096); does not change the result
     use_templates: bool = True  # True: 85-template prompt ensemble per prompt; False: the raw prompt
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16 = torch.autocast on the image encoder
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"  # bf16/fp16 = torch.autocast on the image
+    # encoder; auto = bf16 where the device runs it natively, else fp32
     random_weights: bool = False  # real architecture, random weights: smoke tests only, said loudly
     allow_download: bool = True  # fetch missing official weights when the network allows
 
@@ -64,7 +66,7 @@ class LabelerConfig:
             if not isinstance(value, str) or not value.strip():
                 raise ConfigError(f"labeler.{name}: expected a non-empty string; got {value!r}")
         _check_choice("crop", self.crop, ("box", "masked"))
-        _check_choice("precision", self.precision, ("fp32", "bf16", "fp16"))
+        _check_choice("precision", self.precision, PRECISION_CHOICES)
         if isinstance(self.padding, bool) or not isinstance(self.padding, (int, float)) \
                 or not math.isfinite(self.padding) or not 0.0 <= self.padding <= _MAX_PADDING:
             raise ConfigError(f"labeler.padding: expected a number in [0, {_MAX_PADDING}]; got {self.padding!r}")
@@ -149,7 +151,8 @@ def preflight(config: LabelerConfig) -> None:
         return
     from .weights import resolve_clip_weights
 
-    resolve_clip_weights(config.model, config.pretrained, allow_download=config.allow_download)
+    resolve_clip_weights(config.model, config.pretrained, allow_download=config.allow_download,
+                         config_key="labeler.pretrained")
 
 
 # ------------------------------------------------------------------------------- crops

@@ -15,6 +15,7 @@ from .generators import GENERATORS
 from .labeling import preflight as labeler_preflight
 from .sources import ImageSource
 from .store import RunStore, ShardSpec
+from .weights import check_all
 from .worker import process_shard
 
 log = logging.getLogger(__name__)
@@ -96,10 +97,14 @@ def _verified_plan(store: RunStore, fingerprint: str) -> Any:
 
 
 def _preflight(generator_cls: Any, recipe: Recipe) -> None:
-    """Cheap checks (weights present) for the generator and the labeler, before any work starts."""
-    generator_cls.preflight(recipe.generator.params)
+    """Cheap checks (weights present) for the generator and the labeler, before any work starts.
+
+    Every missing weight file of both is named in one ``WeightsNotFoundError`` (``weights.check_all``).
+    """
+    checks = [lambda: generator_cls.preflight(recipe.generator.params)]
     if recipe.labeler is not None:
-        labeler_preflight(recipe.labeler)
+        checks.append(lambda: labeler_preflight(recipe.labeler))
+    check_all(checks)
 
 
 def _make_root(root: Path) -> None:

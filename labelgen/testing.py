@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import GeneratorError
+from .checks import bounded, check_fields, check_strings
 from .generators import GENERATORS, Generator
 from .instances import ImageRecord, Instances
 
@@ -23,10 +23,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FakeConfig:
-    instances_per_image: int = 3  # vertical bands, one instance each (0..64)
-    seconds_per_image: float = 0.0  # sleep per image, to make runs slow enough to interrupt
+    instances_per_image: int = bounded(3, 0, 64)  # vertical bands, one instance each
+    seconds_per_image: float = bounded(0.0, 0, 3600)  # sleep per image, to make runs slow enough to interrupt
     fail_image_ids: tuple[str, ...] = ()  # raise on these images (a recorded generator_error)
     class_names: tuple[str, ...] = ()  # empty = class-agnostic
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check_strings("class_names", self.class_names)
 
 
 @GENERATORS.register("fake")
@@ -41,8 +45,6 @@ class FakeGenerator(Generator):
 
     @classmethod
     def from_config(cls, config: FakeConfig, *, device: str = "cpu") -> "FakeGenerator":
-        if not 0 <= config.instances_per_image <= 64:
-            raise GeneratorError(f"fake.instances_per_image: expected 0..64; got {config.instances_per_image}")
         log.warning("using the FAKE generator (labelgen.testing): labels are meaningless, for tests only")
         return cls(config)
 

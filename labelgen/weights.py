@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterable
 from urllib.parse import urlparse
 
 from .atomic import sha256_file
@@ -49,6 +50,52 @@ SAM_CHECKPOINTS = {
 }
 
 
+def check_all(checks: Iterable[Callable[[], Any]]) -> None:
+    """Run every weights check; raise one ``WeightsNotFoundError`` naming every missing file.
+
+    Each check is a callable that resolves some weights (or runs another ``check_all``); the
+    ``WeightsNotFoundError`` of each is kept and the next check still runs, so a machine without
+    weights learns everything it needs in one attempt. One missing file raises its own error as
+    is; several raise one error whose message lists each (what is missing and how to supply it)
+    and whose ``missing`` attribute holds the individual errors. Weights needed by two recipe keys
+    (the same CLIP for stage 1 and the labeler) are named once. Any other error propagates at once.
+    """
+    missing: dict[str, WeightsNotFoundError] = {}
+    also: dict[str, list[str]] = {}
+    for check in checks:
+        try:
+            check()
+        except WeightsNotFoundError as exc:
+            for error in getattr(exc, "missing", None) or [exc]:
+                key = getattr(error, "weights_id", None) or str(error)
+                if key not in missing:
+                    missing[key], also[key] = error, []
+                elif getattr(error, "config_key", None):
+                    also[key].append(error.config_key)
+    errors = [_with_also(missing[key], also[key]) for key in missing]
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        items = " ".join(f"({i}) {error}" for i, error in enumerate(errors, 1))
+        combined = WeightsNotFoundError(f"{len(errors)} weight files are missing; supply each before running: {items}")
+        combined.missing = tuple(errors)
+        raise combined
+
+
+def _with_also(error: WeightsNotFoundError, keys: list[str]) -> WeightsNotFoundError:
+    if not keys:
+        return error
+    noted = WeightsNotFoundError(f"{error} (also needed by {', '.join(keys)})")
+    noted.weights_id, noted.config_key = getattr(error, "weights_id", None), getattr(error, "config_key", None)
+    return noted
+
+
+def _identified(exc: WeightsNotFoundError, weights_id: str, config_key: str) -> WeightsNotFoundError:
+    """``exc`` marked with what file it is about and which recipe key supplies it (for ``check_all``)."""
+    exc.weights_id, exc.config_key = weights_id, config_key
+    return exc
+
+
 def cache_dir() -> Path:
     """``$LABELGEN_CACHE`` or ``~/.cache/labelgen``."""
     return Path(os.environ.get("LABELGEN_CACHE") or Path.home() / ".cache" / "labelgen")
@@ -65,6 +112,13 @@ def resolve_sam_checkpoint(model_type: str, checkpoint: str = "", *, allow_downl
     The official file is downloaded into ``cache_dir()/sam`` when allowed and reachable,
     and its SHA-256 is checked either way. ``config_key`` is the recipe key named in errors.
     """
+    try:
+        return _resolve_sam_checkpoint(model_type, checkpoint, allow_download, config_key)
+    except WeightsNotFoundError as exc:
+        raise _identified(exc, f"sam {model_type} {checkpoint}", config_key)
+
+
+def _resolve_sam_checkpoint(model_type: str, checkpoint: str, allow_download: bool, config_key: str) -> Path:
     if model_type not in SAM_CHECKPOINTS:
         raise WeightsNotFoundError(f"unknown SAM model type {model_type!r}; expected one of {sorted(SAM_CHECKPOINTS)}")
     if checkpoint:
@@ -82,11 +136,20 @@ def resolve_sam_checkpoint(model_type: str, checkpoint: str = "", *, allow_downl
     return target
 
 
-def resolve_clip_weights(model_name: str, pretrained: str, *, allow_download: bool = True) -> Path:
+def resolve_clip_weights(model_name: str, pretrained: str, *, allow_download: bool = True,
+                         config_key: str = "the recipe's pretrained field") -> Path:
     """Path of open_clip weights for ``model_name``: a local file, or a pretrained tag
-    (e.g. ``openai``) looked up in open_clip's normal caches, downloaded when allowed."""
+    (e.g. ``openai``) looked up in open_clip's normal caches, downloaded when allowed.
+    ``config_key`` is the recipe key named in errors (e.g. ``generator.semantic.pretrained``)."""
+    try:
+        return _resolve_clip_weights(model_name, pretrained, allow_download, config_key)
+    except WeightsNotFoundError as exc:
+        raise _identified(exc, f"clip {model_name} {pretrained}", config_key)
+
+
+def _resolve_clip_weights(model_name: str, pretrained: str, allow_download: bool, config_key: str) -> Path:
     if looks_like_path(pretrained):
-        return _existing_file(pretrained, f"CLIP {model_name} weights", "the recipe's pretrained field")
+        return _existing_file(pretrained, f"CLIP {model_name} weights", config_key)
     import open_clip  # lazy: heavy
 
     cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
@@ -98,8 +161,8 @@ def resolve_clip_weights(model_name: str, pretrained: str, *, allow_download: bo
         return cached
     where = cfg.get("hf_hub") or cfg.get("url")
     how = (f"fetch it on a machine with internet (open_clip.create_model({model_name!r}, pretrained={pretrained!r})"
-           f" fills the same cache; source: {where}) and copy the cache (~/.cache/huggingface), or set the"
-           " recipe's pretrained field to a local .pt/.bin/.safetensors file")
+           f" fills the same cache; source: {where}) and copy the cache (~/.cache/huggingface), or set"
+           f" {config_key} to a local .pt/.bin/.safetensors file")
     host = "huggingface.co" if cfg.get("hf_hub") else urlparse(cfg.get("url", "")).hostname or ""
     if not allow_download or not _resolves(host):
         raise WeightsNotFoundError(f"CLIP weights {model_name}/{pretrained} are not cached and {host} is not reachable; {how}")

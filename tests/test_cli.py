@@ -91,7 +91,10 @@ def test_default_job_without_weights_stops_at_once_with_a_clear_message(tmp_path
                           "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env, cwd=REPO,
                          timeout=120)
     assert out.returncode == 2, out.stderr
-    assert "labelgen: error:" in out.stderr and "ViT-B-16" in out.stderr and "pretrained" in out.stderr
+    assert "labelgen: error:" in out.stderr and "pretrained" in out.stderr
+    assert "3 weight files are missing" in out.stderr  # every missing file at once, not one per attempt
+    for name in ("ViT-B-16/openai", "RN50x64/openai", "sam_vit_h_4b8939.pth"):
+        assert name in out.stderr, name
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "run").exists()
 

@@ -1,11 +1,14 @@
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 import labelgen.testing  # noqa: F401  registers the fake generator
 from labelgen.config import Recipe, apply_overrides, config_diff, load_recipe, recipe_from_dict
 from labelgen.errors import ConfigError
+from labelgen.generators import GENERATORS
 from labelgen.registry import Registry
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -34,7 +37,7 @@ def test_defaults_and_types():
         ({"generator": {"name": "fake", "instances_per_imag": 2}}, "Did you mean 'generator.instances_per_image'?"),
         ({"generator": {"name": "fake"}, "store": {"shard_size": "ten"}}, "store.shard_size: expected an integer"),
         ({"generator": {"name": "fake"}, "store": {"shard_size": True}}, "expected an integer"),
-        ({"generator": {"name": "fake"}, "store": {"shard_size": 0}}, "store.shard_size: expected 1..100000"),
+        ({"generator": {"name": "fake"}, "store": {"shard_size": 0}}, "store.shard_size: expected an integer in 1..100000"),
         ({"generator": {"name": "fake"}, "images": {"compute_sha256": "yes"}}, "expected true/false"),
         ({"generator": {"name": "fake", "class_names": "cat"}}, "generator.class_names: expected a list"),
         ({"generator": {"name": "fake"}, "store": 3}, "store: expected a mapping"),
@@ -116,3 +119,89 @@ def test_registry_lookup_lists_names():
     with pytest.raises(KeyError) as info:
         reg.get("alpah")
     assert "available: alpha" in str(info.value) and "Did you mean 'alpha'?" in str(info.value)
+
+
+# -- precision: auto ---------------------------------------------------------------------------------
+CPUINFO_WITH_BF16 = """processor\t: 0
+vendor_id\t: GenuineIntel
+flags\t\t: fpu vme sse sse2 avx avx2 avx512f avx512_bf16 avx512_vnni
+processor\t: 1
+flags\t\t: fpu vme sse sse2 avx avx2 avx512f avx512_bf16 avx512_vnni
+"""
+CPUINFO_WITH_AMX = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_tile amx_bf16 amx_int8\n"
+CPUINFO_WITHOUT = "processor\t: 0\nflags\t\t: fpu vme sse sse2 avx avx2 avx512f avx512bw avx512_vnni\n"
+
+
+@pytest.fixture
+def loading(monkeypatch):
+    loading = pytest.importorskip("labelgen.zipmethod.loading")
+    monkeypatch.setattr(loading, "_LOGGED_CHOICES", set())
+    return loading
+
+
+@pytest.mark.parametrize("text, flag, expected", [
+    (CPUINFO_WITH_BF16, "avx512_bf16", "bf16"), (CPUINFO_WITH_AMX, "amx_bf16", "bf16"),
+    (CPUINFO_WITHOUT, None, "fp32"), ("", None, "fp32"),
+])
+def test_precision_auto_on_cpu_follows_the_cpu_flags(loading, caplog, text, flag, expected):
+    import logging
+
+    assert loading.native_bf16_cpu_flag(text) == flag
+    with caplog.at_level(logging.INFO, logger="labelgen.zipmethod.loading"):
+        assert loading.resolve_precision("auto", "cpu", cpuinfo_text=text) == expected
+        assert loading.resolve_precision("auto", "cpu", cpuinfo_text=text) == expected
+    lines = [r.getMessage() for r in caplog.records if "precision auto" in r.getMessage()]
+    reason = f"cpu has {flag}" if flag else "cpu has none of avx512_bf16, amx_bf16"
+    assert len(lines) == 1 and lines[0].startswith(f"precision auto -> {expected} ({reason}")  # logged once
+
+
+def test_explicit_precisions_are_kept_whatever_the_cpu(loading):
+    for precision in ("fp32", "bf16", "fp16"):
+        assert loading.resolve_precision(precision, "cpu", cpuinfo_text=CPUINFO_WITHOUT) == precision
+        assert loading.resolve_precision(precision, "cpu", cpuinfo_text=CPUINFO_WITH_BF16) == precision
+    with pytest.raises(Exception, match="precision must be one of"):
+        loading.resolve_precision("fp8", "cpu")
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_precision_auto_on_cuda_asks_for_native_bf16(loading, monkeypatch, native, expected):
+    import torch
+
+    calls = []
+
+    def is_bf16_supported(including_emulation=True):
+        calls.append(including_emulation)
+        return native or including_emulation  # recent GPUs without bf16 answer True when emulation counts
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert loading.resolve_precision("auto", torch.device("cuda", 0)) == expected
+    assert calls == [False]
+
+
+def test_precision_auto_keeps_the_fingerprint_and_records_the_choice(loading, monkeypatch, tmp_path, image_dir):
+    """The recipe says `auto` (one fingerprint on every machine); each shard records what ran."""
+    from labelgen.runner import run
+    from labelgen.sources import FolderSource
+    overrides = ["generator.precision=auto", "store.shard_size=10"]
+    recipe = load_recipe(RECIPES / "zip-tiny-random.yaml", overrides)
+    assert recipe.generator.params.precision == "auto" and recipe.identity()["generator"]["precision"] == "auto"
+    seen = {}
+    for flag, expected in ((None, "fp32"), ("avx512_bf16", "bf16")):
+        monkeypatch.setattr(loading, "native_bf16_cpu_flag", lambda text=None, flag=flag: flag)
+        generator = GENERATORS.get("zip").from_config(recipe.generator.params)
+        facts = generator.provenance()
+        assert (facts["precision"], facts["precision_requested"]) == (expected, "auto")
+        seen[expected] = generator.cache_keys(np.zeros((4, 4, 3), np.uint8))["clip_layer3"]["precision"]
+    assert seen == {"fp32": "fp32", "bf16": "bf16"}  # the feature cache never mixes the two
+    monkeypatch.setattr(loading, "native_bf16_cpu_flag", lambda text=None: None)
+    run(recipe, FolderSource(image_dir), tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "shards" / "000000.done.json").read_text())
+    assert record["provenance"]["precision"] == "fp32" and record["provenance"]["precision_requested"] == "auto"
+    assert record["fingerprint"] == recipe.fingerprint()
+
+
+def test_cpu_recipes_default_to_auto_and_test_recipes_to_a_fixed_precision():
+    for name in ("zip-cpu.yaml", "zip-smoke-random.yaml"):
+        assert load_recipe(RECIPES / name).generator.params.precision == "auto", name
+    for name in ("zip-tiny-random.yaml", "sam-auto-tiny-random.yaml"):  # tests compare their outputs
+        assert load_recipe(RECIPES / name).generator.params.precision == "fp32", name

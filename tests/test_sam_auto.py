@@ -166,7 +166,7 @@ def test_recipe_defaults_are_sams_own():
 @pytest.mark.parametrize("generator, message", [
     ({"points_per_sid": 16}, "unknown key 'generator.points_per_sid'. Did you mean 'generator.points_per_side'?"),
     ({"points_per_side": "many"}, "generator.points_per_side: expected an integer"),
-    ({"precision": "fp8"}, r"generator.precision: expected one of \['fp32', 'bf16', 'fp16'\]"),
+    ({"precision": "fp8"}, r"generator.precision: expected one of \['fp32', 'bf16', 'fp16', 'auto'\]"),
     ({"model_type": "vit_x"}, "generator.model_type: expected one of"),
     ({"points_per_side": 0}, "generator.points_per_side: expected an integer >= 1"),
     ({"crop_n_layers": -1}, "generator.crop_n_layers: expected an integer >= 0"),

@@ -67,3 +67,51 @@ def test_zip_preflight_needs_weights_unless_random_weights_is_asked_for(offline,
     smoke = recipe_from_dict({"generator": {"name": "zip", "random_weights": True}})
     zip_cls.preflight(smoke.generator.params)
     assert "RANDOM WEIGHTS" in caplog.text
+
+
+def test_paper_recipe_without_weights_lists_every_missing_file_at_once(offline, monkeypatch):
+    """One error naming ViT-B-16, RN50x64 and SAM vit_h, each with how to supply it (not one per attempt)."""
+    from pathlib import Path
+
+    from labelgen.config import load_recipe
+
+    monkeypatch.setattr(weights, "_clip_cached_file", lambda cfg: None)  # whatever this machine has cached
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "zip-paper.yaml")
+    with pytest.raises(WeightsNotFoundError) as info:
+        GENERATORS.get("zip").preflight(recipe.generator.params)
+    message = str(info.value)
+    assert "3 weight files are missing" in message and "\n" not in message
+    for name in ("ViT-B-16/openai", "RN50x64/openai", "sam_vit_h_4b8939.pth"):
+        assert message.count(name) >= 1, name
+    for key in ("generator.semantic.pretrained", "generator.boundary.pretrained", "generator.sam.checkpoint="):
+        assert key in message, key  # how to supply each
+    assert len(info.value.missing) == 3 and all(isinstance(e, WeightsNotFoundError) for e in info.value.missing)
+
+
+def test_run_preflight_adds_the_labeler_weights_and_writes_nothing(offline, monkeypatch, tmp_path, image_dir):
+    from labelgen.config import apply_overrides
+    from labelgen.runner import run
+    from labelgen.sources import FolderSource
+
+    monkeypatch.setattr(weights, "_clip_cached_file", lambda cfg: None)
+    data = {"generator": {"name": "zip", "sam": {"model_type": "vit_b", "checkpoint": str(tmp_path / "no.pth")}},
+            "labeler": {"classes": {"cat": []}, "model": "ViT-L-14"}}
+    recipe = recipe_from_dict(apply_overrides(data, []))
+    with pytest.raises(WeightsNotFoundError) as info:
+        run(recipe, FolderSource(image_dir), tmp_path / "run")
+    message = str(info.value)
+    assert "4 weight files are missing" in message  # ViT-B-16 (stage 1), RN50x64, SAM, ViT-L-14 (labeler)
+    assert "ViT-L-14/openai" in message and "labeler.pretrained" in message and str(tmp_path / "no.pth") in message
+    assert not (tmp_path / "run").exists()
+    same = recipe_from_dict(apply_overrides(data, ["labeler.model=ViT-B-16"]))
+    with pytest.raises(WeightsNotFoundError) as info:
+        run(same, FolderSource(image_dir), tmp_path / "run")
+    message = str(info.value)
+    assert "3 weight files are missing" in message and message.count("ViT-B-16/openai are not cached") == 1
+    assert "(also needed by labeler.pretrained)" in message  # the shared CLIP is named once, with both keys
+
+
+def test_one_missing_file_is_reported_as_before(offline):
+    with pytest.raises(WeightsNotFoundError) as info:
+        weights.check_all([lambda: weights.resolve_sam_checkpoint("vit_b"), lambda: None])
+    assert "weight files are missing" not in str(info.value) and "sam_vit_b_01ec64.pth" in str(info.value)

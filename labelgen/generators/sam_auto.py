@@ -32,11 +32,12 @@ from typing import Any, Iterator, Literal
 
 import numpy as np
 
+from ..checks import bounded, check_fields
 from ..errors import ConfigError, ValidationError
 from ..instances import ImageRecord, Instances
 from ..masks import rles_to_boxes_xyxy
 from ..weights import resolve_sam_checkpoint
-from ..zipmethod.refine import SAM_MODEL_TYPES
+from ..zipmethod.config import PRECISION_CHOICES, SAM_MODEL_TYPES
 from . import GENERATORS
 from .base import Generator
 
@@ -54,26 +55,37 @@ class SamAutoConfig:
     checkpoint: str = ""  # local state-dict file; empty = the official checkpoint in the labelgen cache
     points_per_side: int = 32  # >= 1; the prompt grid is points_per_side^2 points (per crop layer 0)
     points_per_batch: int = 64  # >= 1; points decoded at once: speed vs. memory, same masks
-    pred_iou_thresh: float = 0.88  # keep masks with predicted IoU > this; <= 0 turns the filter off
-    stability_score_thresh: float = 0.95  # keep masks with stability >= this, in [0, 1]; <= 0 turns it off
-    stability_score_offset: float = 1.0  # > 0; logit shift of the stability score's two thresholds
+    pred_iou_thresh: float = bounded(0.88, None, 1.0)  # keep masks with predicted IoU > this; <= 0 turns the
+    # filter off
+    stability_score_thresh: float = bounded(0.95, None, 1.0)  # keep masks with stability >= this, in [0, 1];
+    # <= 0 turns it off
+    stability_score_offset: float = bounded(1.0, None, 1000.0)  # > 0; logit shift of the stability score's two
+    # thresholds
     box_nms_thresh: float = 0.7  # (0, 1]; box IoU above which a lower predicted-IoU mask is dropped (per crop)
     crop_n_layers: int = 0  # >= 0; extra crop layers, layer i has (2^i)^2 crops; 0 = whole image only
     crop_nms_thresh: float = 0.7  # (0, 1]; box IoU NMS across crops (smaller crops win)
     crop_overlap_ratio: float = 512 / 1500  # [0, 1); crop overlap as a fraction of the image side (layer 1)
     crop_n_points_downscale_factor: int = 1  # >= 1; layer i uses points_per_side / factor^i points per side
     min_mask_region_area: int = 0  # >= 0; > 0 removes holes and islands smaller than this (pixels, opencv)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16 = torch.autocast; outputs cast back to fp32
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"  # bf16/fp16 = torch.autocast; outputs cast
+    # back to fp32; auto = bf16 where the device runs it natively, else fp32
     random_weights: bool = False  # real architecture, random weights: smoke tests only, said loudly
     allow_download: bool = True  # fetch the missing official checkpoint when the network allows
 
     def __post_init__(self) -> None:
+        try:  # NaN / infinite floats, and the ranges declared on the fields
+            check_fields(self)
+        except ConfigError as exc:
+            raise ConfigError(f"generator.{exc}") from None
         if self.model_type not in SAM_MODEL_TYPES:
             raise ConfigError(f"generator.model_type: expected one of {list(SAM_MODEL_TYPES)}; got {self.model_type!r}")
-        for name in ("points_per_side", "points_per_batch", "crop_n_points_downscale_factor"):
-            _check_at_least(name, getattr(self, name), 1)
-        for name in ("crop_n_layers", "min_mask_region_area"):
-            _check_at_least(name, getattr(self, name), 0)
+        if self.precision not in PRECISION_CHOICES:
+            raise ConfigError(f"generator.precision: expected one of {list(PRECISION_CHOICES)}; got {self.precision!r}")
+        for name, high in (("points_per_side", 1024), ("points_per_batch", 65536),
+                           ("crop_n_points_downscale_factor", 64)):
+            _check_between(name, getattr(self, name), 1, high)
+        for name, high in (("crop_n_layers", 8), ("min_mask_region_area", None)):
+            _check_between(name, getattr(self, name), 0, high)
         for name in ("box_nms_thresh", "crop_nms_thresh"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ConfigError(f"generator.{name}: expected a box IoU in (0, 1]; got {getattr(self, name)}")
@@ -90,9 +102,10 @@ class SamAutoConfig:
         return {name: getattr(self, name) for name in names}
 
 
-def _check_at_least(name: str, value: int, low: int) -> None:
-    if value < low:
-        raise ConfigError(f"generator.{name}: expected an integer >= {low}; got {value}")
+def _check_between(name: str, value: int, low: int, high: int | None) -> None:
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f">= {low} and <= {high}"
+        raise ConfigError(f"generator.{name}: expected an integer {bound}; got {value}")
 
 
 CHECKPOINT_KEY = "generator.checkpoint"  # the recipe key named in missing-checkpoint errors
@@ -123,9 +136,10 @@ class SamAutoGenerator(Generator):
     def from_config(cls, config: SamAutoConfig, *, device: str = "cpu") -> "SamAutoGenerator":
         from segment_anything import SamAutomaticMaskGenerator
 
-        from ..zipmethod.loading import check_device, load_sam
+        from ..zipmethod.loading import check_device, load_sam, resolve_precision
 
         dev = check_device(device)
+        precision = resolve_precision(config.precision, dev)  # "auto" -> what this device runs natively
         if config.random_weights:
             log.warning("sam-auto: building SAM with RANDOM WEIGHTS; labels are meaningless")
         sam, sam_facts = load_sam(config.model_type, config.checkpoint, random_weights=config.random_weights,
@@ -133,7 +147,7 @@ class SamAutoGenerator(Generator):
         mask_generator = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **config.amg_kwargs())
         mask_generator.predictor = _float32_outputs(mask_generator.predictor)
         facts = {"generator": cls.name, "random_weights": config.random_weights, "device": str(dev),
-                 "precision": config.precision, "sam": sam_facts}
+                 "precision": precision, "precision_requested": config.precision, "sam": sam_facts}
         return cls(config, mask_generator, facts)
 
     def provenance(self) -> dict[str, Any]:
@@ -188,7 +202,8 @@ class SamAutoGenerator(Generator):
 
         from ..zipmethod.loading import autocast
 
-        with torch.inference_mode(), autocast(self.mask_generator.predictor.device, self.config.precision):
+        precision = self.facts.get("precision", self.config.precision)  # resolved in from_config
+        with torch.inference_mode(), autocast(self.mask_generator.predictor.device, precision):
             yield
 
 

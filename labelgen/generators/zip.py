@@ -32,7 +32,7 @@ from ..instances import ImageRecord, Instances
 from ..masks import masks_to_rles, rles_to_boxes_xyxy
 from ..nms import mask_nms
 from ..oom import AdaptiveBatcher, default_is_oom
-from ..weights import resolve_clip_weights, resolve_sam_checkpoint
+from ..weights import check_all, resolve_clip_weights, resolve_sam_checkpoint
 from ..zipmethod.config import ZipConfig
 from ..zipmethod.discovery import activation_mask, discover_instances, grid_boxes_to_image
 from ..zipmethod.refine import tensor_to_host, zip_confidence
@@ -81,32 +81,39 @@ class ZipGenerator(Generator):
     # -- building -----------------------------------------------------------------------
     @classmethod
     def preflight(cls, config: ZipConfig) -> None:
-        """Fail at once, before any worker starts, when a weight file is missing."""
+        """Fail at once, before any worker starts, when weight files are missing (all of them named)."""
         if config.random_weights:
             log.warning("zip: RANDOM WEIGHTS requested: the real architectures with random weights."
                         " The labels will be MEANINGLESS (smoke test only).")
             return
-        resolve_clip_weights(config.semantic.model, config.semantic.pretrained, allow_download=config.allow_download)
-        resolve_clip_weights(config.boundary.model, config.boundary.pretrained, allow_download=config.allow_download)
-        resolve_sam_checkpoint(config.sam.model_type, config.sam.checkpoint, allow_download=config.allow_download)
+        download = config.allow_download
+        check_all([  # every missing file in one error, not one per attempt
+            functools.partial(resolve_clip_weights, config.semantic.model, config.semantic.pretrained,
+                              allow_download=download, config_key="generator.semantic.pretrained"),
+            functools.partial(resolve_clip_weights, config.boundary.model, config.boundary.pretrained,
+                              allow_download=download, config_key="generator.boundary.pretrained"),
+            functools.partial(resolve_sam_checkpoint, config.sam.model_type, config.sam.checkpoint,
+                              allow_download=download),
+        ])
 
     @classmethod
     def from_config(cls, config: ZipConfig, *, device: str = "cpu") -> "ZipGenerator":
         from ..zipmethod.boundary import BoundaryStage
-        from ..zipmethod.loading import check_device, load_clip, load_sam
+        from ..zipmethod.loading import check_device, load_clip, load_sam, resolve_precision
         from ..zipmethod.refine import SamRefiner
         from ..zipmethod.semantic import SemanticStage
 
         dev = check_device(device)
+        precision = resolve_precision(config.precision, dev)  # "auto" -> what this device runs natively
         if config.random_weights:
             log.warning("zip: building models with RANDOM WEIGHTS; labels are meaningless")
         common = {"random_weights": config.random_weights, "allow_download": config.allow_download, "device": dev}
         clip_vit, tokenizer, vit_facts = load_clip(config.semantic.model, config.semantic.pretrained, **common)
         clip_rn, _, rn_facts = load_clip(config.boundary.model, config.boundary.pretrained, **common)
         sam, sam_facts = load_sam(config.sam.model_type, config.sam.checkpoint, **common)
-        precision = config.precision
         facts = {"generator": cls.name, "random_weights": config.random_weights, "device": str(dev),
-                 "precision": precision, "semantic": vit_facts, "boundary": rn_facts, "sam": sam_facts}
+                 "precision": precision, "precision_requested": config.precision,
+                 "semantic": vit_facts, "boundary": rn_facts, "sam": sam_facts}
         return cls(
             config,
             SemanticStage(clip_vit, tokenizer, config.semantic, device=dev, precision=precision),
@@ -245,7 +252,8 @@ class ZipGenerator(Generator):
         type; never the vocabulary, the thresholds or anything downstream of the encoder.
         """
         cfg = self.config
-        common = {"format": CACHE_FORMAT, "image_sha256": image_sha256(image_rgb), "precision": cfg.precision,
+        precision = self.facts.get("precision", cfg.precision)  # resolved: "auto" differs between machines
+        common = {"format": CACHE_FORMAT, "image_sha256": image_sha256(image_rgb), "precision": precision,
                   "device_type": str(self.facts.get("device", "cpu")).split(":")[0]}
         return {
             SEMANTIC_TOKENS: {**common, "model": cfg.semantic.model, "weights": self._weights_id("semantic"),
