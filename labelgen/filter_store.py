@@ -21,6 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
+import hashlib
+import io
+import json
 import logging
 import math
 import os
@@ -34,13 +38,13 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import yaml
 
-from .atomic import TMP_MARK, fsync_dir, read_jsonl_gz, store_write_error, temp_pid, write_bytes_atomic
-from .atomic import write_json_atomic, write_jsonl_gz_atomic
+from .atomic import TMP_MARK, fsync_dir, store_write_error, temp_pid, write_bytes_atomic
+from .atomic import sha256_file, write_json_atomic, write_jsonl_gz_atomic
 from .config import config_to_dict
-from .errors import ConfigError, ValidationError
+from .errors import ConfigError, CorruptRunError, ValidationError
 from .filtering import REASONS, FilterConfig, FilterResult, class_label, count_kept, filter_instances
 from .instances import Instances
-from .store import RunStore
+from .store import RunStore, is_sealed, seal
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +255,8 @@ def staged_folder(parent: Path, name: str, what: str) -> Iterator[Path]:
         tmp = parent / f".{name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(8)}"
         tmp.mkdir()  # a new folder under an unpredictable name: never one planted in advance
         yield tmp
+        write_json_atomic(tmp / CHECKSUMS, seal({"files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())
+                                                            if p.is_file()}}), "checksums")
         swap_into_place(tmp, final)
     except OSError as exc:
         if tmp is not None:
@@ -260,6 +266,38 @@ def staged_folder(parent: Path, name: str, what: str) -> Iterator[Path]:
         if tmp is not None:
             remove_tree(tmp)
         raise
+
+
+CHECKSUMS = "checksums.json"  # sealed sha256 of every file of a staged folder, written last
+
+
+def read_verified(folder: Path, name: str) -> bytes:
+    """The bytes of ``folder/name`` (a file of a filtered or reviewed copy) after checking them
+    against the folder's ``checksums.json``; ``CorruptRunError`` naming the file if they differ.
+    Copies made before checksums (no ``checksums.json``) are read as they are."""
+    path = folder / name
+    try:
+        data = path.read_bytes()
+        listing = json.loads((folder / CHECKSUMS).read_bytes())
+    except FileNotFoundError as exc:
+        if Path(exc.filename or "").name != CHECKSUMS:
+            raise CorruptRunError(f"{path} is missing; re-create the copy") from None
+        return data
+    except (OSError, ValueError) as exc:
+        raise CorruptRunError(f"{folder / CHECKSUMS} is unreadable or damaged ({exc}); re-create the copy") from None
+    if not is_sealed(listing):
+        raise CorruptRunError(f"{folder / CHECKSUMS} does not match its own checksum; re-create the copy")
+    if hashlib.sha256(data).hexdigest() != listing["files"].get(name):
+        raise CorruptRunError(f"{path} does not match its sha256 in {CHECKSUMS}: it was damaged after it was"
+                              " written. Re-create the copy (labelgen filter --save / labelgen pull)")
+    return data
+
+
+def read_copy_rows(folder: Path, name: str) -> list[dict]:
+    """The rows of one verified shard file of a filtered or reviewed copy."""
+    data = read_verified(folder, name)
+    with gzip.GzipFile(fileobj=io.BytesIO(data)) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
 
 
 def _write_shards(store: RunStore, config: FilterConfig, class_names: Sequence[str] | None, folder: Path) -> dict:

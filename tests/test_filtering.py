@@ -368,7 +368,7 @@ def test_save_filtered_layout_rows_and_round_trip(synthetic_run):
     config = FilterConfig(**ALL_OPTIONS)
     path = save_filtered(synthetic_run, config, "strict")
     assert path == synthetic_run.root / "filtered" / "strict"
-    assert sorted(p.name for p in path.iterdir()) == ["000000.jsonl.gz", "000001.jsonl.gz", "filter.yaml",
+    assert sorted(p.name for p in path.iterdir()) == ["000000.jsonl.gz", "000001.jsonl.gz", "checksums.json", "filter.yaml",
                                                       "summary.json"]
     assert load_filter_config(path / "filter.yaml", []) == config
     rows = [row for name in ("000000", "000001") for row in read_jsonl_gz(path / f"{name}.jsonl.gz")]

@@ -163,7 +163,7 @@ def test_killed_extend_is_finished_or_rolled_back(finished, image_dir, capsys, c
         shutil.copy(image_dir / sorted(p.name for p in image_dir.iterdir())[0], image_dir / name)
     code, _, err = _cli(_run_args(image_dir, out) + ["--extend"], capsys)
     assert code == 0 and "planned 2 new images" in err
-    new_plan, new_manifest = (out / "plan.jsonl").read_bytes(), (out / "run.json").read_bytes()
+    new_plan = (out / "plan.jsonl").read_bytes()
 
     # killed after run.json named the longer plan, before the rename: readers use .next; run finishes it
     (out / "plan.jsonl").write_bytes(old_plan)
@@ -204,3 +204,20 @@ def test_read_rows_never_returns_rows_of_a_damaged_shard(finished):
     problems = []
     rows = list(store.iter_rows(on_corrupt=lambda s, problem: problems.append(s.index)))
     assert problems == [0] and len(rows) == 7
+
+
+def test_garbled_config_yaml_is_refused_even_with_the_same_settings(finished, image_dir, capsys):
+    out, _ = finished
+    (out / "config.yaml").write_text((out / "config.yaml").read_text() + "# edited\n")
+    code, _, err = _cli(_run_args(image_dir, out), capsys)
+    assert code == 2 and "config.yaml does not match the sha256 recorded in run.json" in err
+
+
+def test_damaged_filtered_copy_is_named_not_exported(finished, capsys, tmp_path):
+    out, _ = finished
+    assert _cli(["filter", out, "--min-confidence", "0", "--save", "keep"], capsys)[0] == 0
+    listing = json.loads((out / "filtered" / "keep" / "checksums.json").read_text())
+    assert "000000.jsonl.gz" in listing["files"] and "summary.json" in listing["files"]
+    _flip_byte(out / "filtered" / "keep" / "000002.jsonl.gz", 30)
+    code, _, err = _cli(["export", out, "--filtered", "keep", "--format", "coco", "--out", tmp_path / "c"], capsys)
+    assert code == 2 and "000002.jsonl.gz does not match its sha256 in checksums.json" in err

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ..atomic import read_jsonl_gz
 from ..errors import ExportError
 from ..filter_config import FilterConfig
-from ..filter_store import filter_row, incomplete_message, run_incomplete
+from ..filter_store import filter_row, incomplete_message, read_copy_rows, run_incomplete
 from ..instances import ImageRecord, Instances
 from ..store import RunStore
 
@@ -81,11 +80,16 @@ class ExportSource:
     def _rows(self) -> Iterator[tuple[int, dict]]:
         names = self.store.manifest().get("class_names")
         for shard, _, run_rows in self.store.iter_committed():  # verified against the done records
-            rows = run_rows if self.copy_kind is None else read_jsonl_gz(self._shard_path(shard.index))
+            rows = run_rows if self.copy_kind is None else self._copy_rows(shard.index)
             for row in rows:
                 if self.filter_config is not None and row.get("status") == "ok":
                     row = {**row, "instances": filter_row(row, self.filter_config, names).kept.to_dict()}
                 yield shard.index, row
+
+    def _copy_rows(self, index: int) -> list[dict]:
+        """One shard of the filtered/reviewed copy, verified against the copy's checksums."""
+        path = self._shard_path(index)
+        return read_copy_rows(path.parent, path.name)
 
     def _shard_path(self, index: int) -> Path:
         if self.copy_kind is None:
