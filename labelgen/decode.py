@@ -10,6 +10,15 @@ to tell "cut short" from "corrupt"); a pixel mode with no RGB conversion is
 Choices, stated once:
 
 * The file is read into memory once; the sha256 and the decode both use those bytes.
+* Only regular files are read, never blocking, and at most ``max_file_bytes`` of them
+  (default ``DEFAULT_MAX_FILE_BYTES``, 1 GiB). The path is ``stat``-ed first (a device
+  is never opened: opening some has side effects), then opened with
+  ``O_RDONLY | O_NONBLOCK | O_NOCTTY`` and the open file checked again with ``fstat``
+  (it may have been swapped in between), and read up to ``max_file_bytes + 1`` bytes:
+  a FIFO, socket or device (``/dev/zero``, a symlink to it) is ``not_a_regular_file``;
+  a file over the cap, by size or by what a read returns (a sparse 6 GB file, a file
+  that grows), is ``too_large_file``; a symlink loop is ``symlink_loop``; a dangling
+  symlink is ``missing``. Paths that are not UTF-8 (``surrogateescape`` str) are fine.
 * The pixel count is checked from the header *before* pixels are decoded, so a
   "decompression bomb" that declares a huge size never allocates its pixels.
   Pillow itself refuses images over ``2 * PIL.Image.MAX_IMAGE_PIXELS`` pixels at
@@ -25,9 +34,11 @@ Choices, stated once:
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import stat
 from typing import Any
 
 import numpy as np
@@ -35,7 +46,14 @@ from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from .errors import ImageDecodeError, ValidationError
 
-__all__ = ["read_image_rgb"]
+__all__ = ["DEFAULT_MAX_FILE_BYTES", "check_image_file", "read_file_bytes", "read_image_rgb"]
+
+#: Largest image file read by default (bytes); larger files fail as ``too_large_file``.
+DEFAULT_MAX_FILE_BYTES = 1 << 30
+
+#: Never block (FIFOs), never take a controlling terminal, never leak the fd to children.
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+_READ_CHUNK = 1 << 22
 
 _GRAY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ORIENTATION_TAG = ExifTags.Base.Orientation
@@ -46,6 +64,7 @@ def read_image_rgb(
     *,
     max_pixels: int = 200_000_000,
     compute_sha256: bool = True,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Decode the image at ``path`` to RGB.
 
@@ -53,6 +72,7 @@ def read_image_rgb(
         path: a local file path.
         max_pixels: largest allowed ``width * height`` (checked from the header).
         compute_sha256: also hash the file's bytes.
+        max_file_bytes: largest file read, in bytes.
 
     Returns:
         ``(rgb, info)``: ``rgb`` is a writable, C-contiguous ``(H, W, 3) uint8`` array
@@ -62,13 +82,15 @@ def read_image_rgb(
 
     Raises:
         ImageDecodeError: ``reason`` is one of ``missing``, ``unreadable``,
+            ``symlink_loop``, ``not_a_regular_file``, ``too_large_file``,
             ``empty_file``, ``not_an_image``, ``truncated``, ``too_large``,
             ``bad_dimensions``.
-        ValidationError: ``max_pixels`` is not a positive int.
+        ValidationError: ``max_pixels`` or ``max_file_bytes`` is not a positive int.
     """
     name = os.fspath(path)
-    _check_max_pixels(max_pixels)
-    data = _read_bytes(name)
+    _check_positive("max_pixels", max_pixels, "200_000_000")
+    _check_positive("max_file_bytes", max_file_bytes, "1 << 30")
+    data = read_file_bytes(name, max_file_bytes)
     digest = hashlib.sha256(data).hexdigest() if compute_sha256 else None
     with _open_checked(data, name, max_pixels) as image:
         source_mode = image.mode
@@ -87,38 +109,143 @@ def read_image_rgb(
 
 
 # -- reading and opening ----------------------------------------------------------------
-def _check_max_pixels(max_pixels: Any) -> None:
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
-        raise ValidationError(
-            f"max_pixels must be a positive int (e.g. 200_000_000); got {max_pixels!r}"
-        )
+def _check_positive(what: str, value: Any, example: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValidationError(f"{what} must be a positive int (e.g. {example}); got {value!r}")
 
 
-def _read_bytes(name: str) -> bytes:
-    """All bytes of the file; OS failures become ``missing`` / ``unreadable``."""
+def check_image_file(path: str | os.PathLike[str], max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> os.stat_result:
+    """``stat`` of ``path`` (symlinks followed) if it is a regular file of at most ``max_file_bytes``;
+    else ``ImageDecodeError`` (``missing``, ``symlink_loop``, ``unreadable``, ``not_a_regular_file``,
+    ``too_large_file``). Opens nothing."""
+    name = os.fspath(path)
     try:
-        with open(name, "rb") as handle:
-            data = handle.read()
-    except (FileNotFoundError, NotADirectoryError):
-        raise ImageDecodeError(
-            "missing", f"image file {name!r} does not exist; expected a readable image file. "
-            "Check the path or remove it from the source."
-        ) from None
-    except IsADirectoryError:
-        raise ImageDecodeError(
-            "unreadable", f"{name!r} is a directory; expected an image file."
-        ) from None
+        info = os.stat(name)
     except OSError as exc:
-        raise ImageDecodeError(
-            "unreadable", f"cannot read image file {name!r}: {exc.strerror or exc}; "
-            "expected a readable file. Check its permissions and the storage it is on."
-        ) from None
+        raise _os_error(exc, name, "find") from None
+    except (ValueError, UnicodeError) as exc:  # an embedded NUL, a surrogate no file name can hold
+        raise _bad_path(name, exc) from None
+    _check_regular(info, name, max_file_bytes)
+    return info
+
+
+def read_file_bytes(path: str | os.PathLike[str], max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
+    """All bytes of a regular file of at most ``max_file_bytes``, read without ever blocking.
+
+    Failures are ``ImageDecodeError`` with the reasons of ``check_image_file``, plus
+    ``unreadable`` (a read error) and ``empty_file``.
+    """
+    name = os.fspath(path)
+    check_image_file(name, max_file_bytes)  # before opening: a device is never opened
+    try:
+        fd = os.open(name, _OPEN_FLAGS)
+    except OSError as exc:
+        raise _os_error(exc, name, "open") from None
+    try:
+        info = os.fstat(fd)  # what was opened, which may not be what was stat-ed a moment ago
+        _check_regular(info, name, max_file_bytes)
+        data = _read_capped(fd, info.st_size, max_file_bytes, name)
+    finally:
+        os.close(fd)
     if not data:
         raise ImageDecodeError(
             "empty_file", f"image file {name!r} is empty (0 bytes); expected image data. "
             "The file was probably not fully copied; copy it again or remove it."
         )
     return data
+
+
+def _read_capped(fd: int, size: int, max_file_bytes: int, name: str) -> bytes:
+    """At most ``max_file_bytes + 1`` bytes of ``fd``: the first read asks for the whole file (one
+    allocation of its size), the next ones confirm the end, or find that it grew."""
+    chunks: list[bytes] = []
+    total, want = 0, min(size, max_file_bytes) + 1
+    try:
+        while total <= max_file_bytes:
+            chunk = os.read(fd, min(want, max_file_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            want = _READ_CHUNK
+        if total > max_file_bytes:
+            raise _too_large_file(name, f"more than {max_file_bytes} bytes were read", max_file_bytes)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    except OSError as exc:
+        raise _os_error(exc, name, "read") from None
+    except MemoryError:
+        raise _too_large_file(name, f"out of memory after reading {total} bytes", max_file_bytes) from None
+
+
+def _check_regular(info: os.stat_result, name: str, max_file_bytes: int) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageDecodeError("unreadable", f"{name!r} is a directory; expected an image file.")
+    if not stat.S_ISREG(info.st_mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
+        via = " (through a symlink)" if _is_link(name) else ""
+        raise ImageDecodeError(
+            "not_a_regular_file", f"{name!r} is {kind}{via}, not a regular file; expected an image file. "
+            "It is not read (it could block or never end); remove it from the source."
+        )
+    if info.st_size > max_file_bytes:
+        raise _too_large_file(name, f"it is {info.st_size} bytes", max_file_bytes)
+
+
+_FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+def _too_large_file(name: str, why: str, max_file_bytes: int) -> ImageDecodeError:
+    return ImageDecodeError(
+        "too_large_file", f"image file {name!r} is too large to read: {why}; expected at most "
+        f"max_file_bytes={max_file_bytes} bytes. Downscale or recompress it, raise the limit, or remove it."
+    )
+
+
+def _os_error(exc: OSError, name: str, doing: str) -> ImageDecodeError:
+    """An ``OSError`` from ``stat``/``open``/``read`` of ``name`` -> the failure with its reason."""
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        if _is_link(name):
+            return ImageDecodeError(
+                "missing", f"image file {name!r} is a symlink to {_link_target(name)!r}, which does not exist; "
+                "expected a readable image file. Fix or remove the symlink."
+            )
+        return ImageDecodeError(
+            "missing", f"image file {name!r} does not exist; expected a readable image file. "
+            "Check the path or remove it from the source."
+        )
+    if exc.errno == errno.ELOOP:
+        return ImageDecodeError(
+            "symlink_loop", f"image file {name!r} is a symlink loop (or too many levels of symlinks); "
+            "expected a symlink that ends at an image file. Fix or remove the symlink."
+        )
+    if exc.errno == errno.EISDIR:
+        return ImageDecodeError("unreadable", f"{name!r} is a directory; expected an image file.")
+    return ImageDecodeError(
+        "unreadable", f"cannot {doing} image file {name!r}: {exc.strerror or exc}; "
+        "expected a readable file. Check its permissions and the storage it is on."
+    )
+
+
+def _bad_path(name: str, exc: Exception) -> ImageDecodeError:
+    return ImageDecodeError(
+        "unreadable", f"{name!r} cannot be a file path ({type(exc).__name__}: {exc}); expected the path "
+        "of an image file. Fix the entry in the source."
+    )
+
+
+def _is_link(name: str) -> bool:
+    try:
+        return os.path.islink(name)
+    except (ValueError, UnicodeError):
+        return False
+
+
+def _link_target(name: str) -> str:
+    try:
+        return os.readlink(name)
+    except OSError:
+        return "?"
 
 
 def _open_checked(data: bytes, name: str, max_pixels: int) -> Image.Image:

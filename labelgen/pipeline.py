@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from .config import ImagesConfig
-from .decode import read_image_rgb
+from .decode import DEFAULT_MAX_FILE_BYTES, read_image_rgb
 from .errors import ImageDecodeError, LabelgenError, ValidationError
 from .generators import Generator
 from .generators.base import failed
@@ -120,11 +120,18 @@ class _Finisher:
 
 
 def _decode(record: ImageRecord, images: ImagesConfig) -> tuple[ImageRecord, np.ndarray | None, Row | None]:
-    """(record with its size, image, None) or (record, None, failed row)."""
+    """(record with its size, image, None) or (record, None, failed row). ``images.max_file_bytes``
+    caps the bytes read (``decode.DEFAULT_MAX_FILE_BYTES`` where the config has no such key)."""
     try:
-        image, info = read_image_rgb(record.uri, max_pixels=images.max_pixels, compute_sha256=images.compute_sha256)
+        image, info = read_image_rgb(record.uri, max_pixels=images.max_pixels, compute_sha256=images.compute_sha256,
+                                     max_file_bytes=getattr(images, "max_file_bytes", DEFAULT_MAX_FILE_BYTES))
     except ImageDecodeError as exc:
         return record, None, failed_row(record, exc.reason, str(exc))
+    except Exception as exc:  # a decoder bug (or MemoryError) on one image must not cost the shard
+        log.error("decoding %r failed: %s: %s", record.uri, type(exc).__name__, exc,
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        return record, None, failed_row(record, "unreadable", f"cannot decode {record.uri!r}: "
+                                                             f"{type(exc).__name__}: {exc}")
     return record.with_size(info["width"], info["height"], info.get("sha256")), image, None
 
 

@@ -2,7 +2,15 @@
 
 A source lists ``ImageRecord``s (sorted by ``image_id``, ids unique) without opening
 any image; ``describe()`` returns a JSON-able spec used to detect "same source" when a
-run is resumed. Unreadable images are not a listing error: they fail one by one later.
+run is resumed. Unreadable images are not a listing error: they fail one by one later
+(``labelgen.decode``: ``missing``, ``symlink_loop``, ``not_a_regular_file``, ...), so
+each becomes an entry of the run's failure ledger. A source that lists no image at all
+is an ``ImageSourceError``: a run is never created for nothing.
+
+File names need not be UTF-8: ids and uris are ``str`` decoded like ``os.fsdecode``
+(UTF-8 with ``surrogateescape``), so ``os.fsencode(record.uri)`` gives back the exact
+bytes of the name; the run store writes such ids escaped (``\\udcff``) and reads them
+back unchanged.
 
 Kinds: ``folder`` (``FolderSource``), ``list`` (``ListFileSource``: a text file with one
 path per line), ``coco`` (``CocoJsonSource``: the ``images`` array of a COCO JSON).
@@ -39,8 +47,11 @@ class ImageSource(abc.ABC):
         """All records, in any order."""
 
     def list_records(self) -> list[ImageRecord]:
-        """All records sorted by ``image_id``; raises ``ImageSourceError`` on duplicate ids."""
+        """All records sorted by ``image_id``; raises ``ImageSourceError`` on duplicate ids
+        and when there are none (``_none_found`` says what was looked for)."""
         records = sorted(self._records(), key=lambda record: record.image_id)
+        if not records:
+            raise ImageSourceError(self._none_found())
         for previous, current in zip(records, records[1:]):
             if previous.image_id == current.image_id:
                 raise ImageSourceError(
@@ -49,6 +60,11 @@ class ImageSource(abc.ABC):
                     "Remove the duplicate entry."
                 )
         return records
+
+    def _none_found(self) -> str:
+        """The message of the error raised when the source lists no image."""
+        return (f"{self.kind} source {self.describe()} lists no images; expected at least one image. "
+                "Check the path.")
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "kind")
@@ -75,6 +91,12 @@ class FolderSource(ImageSource):
     absolute path. Names starting with ``.`` (files and folders) are skipped. Symlinked
     folders are followed, each real folder once: the first path in sorted depth-first
     order names its files, and loops are cut. Images are not opened.
+
+    Every entry with an image extension that is not a folder is listed, whatever it is:
+    a FIFO, a socket, a dangling symlink, a symlink loop (``ln -s x.jpg x.jpg``), a
+    symlink to a device. Reading it then fails with a reason (``not_a_regular_file``,
+    ``missing``, ``symlink_loop``), so it is in the failure ledger instead of silently
+    missing. Listing costs one ``stat`` per symlink and none per plain file.
     """
 
     kind = "folder"
@@ -104,12 +126,18 @@ class FolderSource(ImageSource):
             for entry in self._scan(folder, visited):
                 if entry.name.startswith("."):
                     continue
-                if entry.is_dir():
+                if _is_folder(entry):
                     subfolders.append((prefix + entry.name + "/", entry.path))
-                elif os.path.splitext(entry.name)[1].lower() in self.extensions and entry.is_file():
+                elif os.path.splitext(entry.name)[1].lower() in self.extensions:
                     yield ImageRecord(image_id=prefix + entry.name, uri=entry.path)
             if self.recursive:
                 pending.extend(reversed(subfolders))
+
+    def _none_found(self) -> str:
+        searched = "subfolders included" if self.recursive else "subfolders not searched"
+        return (f"no images found in folder {self.root!r} (extensions {', '.join(self.extensions)}; {searched};"
+                " names starting with '.' skipped); expected at least one image file. Check the folder, or set"
+                " images.extensions in the recipe to the extensions of your files.")
 
     def _scan(self, folder: str, visited: set[tuple[int, int]]) -> list[os.DirEntry[str]]:
         """Entries of ``folder``; none if it (by device and inode) was walked already."""
@@ -125,6 +153,15 @@ class FolderSource(ImageSource):
                 f"cannot list folder {folder!r} under image folder {self.root!r}: "
                 f"{exc.strerror or exc}; expected a readable folder. Fix its permissions."
             ) from None
+
+
+def _is_folder(entry: os.DirEntry[str]) -> bool:
+    """Whether ``entry`` is a folder or a symlink to one. A symlink that cannot be resolved (a loop,
+    too long, no permission) is not a folder: it is listed, and fails alone when it is read."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _normalise_extensions(extensions: Sequence[str]) -> tuple[str, ...]:
@@ -147,8 +184,13 @@ def _normalise_extensions(extensions: Sequence[str]) -> tuple[str, ...]:
 
 # -- list file ----------------------------------------------------------------------------
 class ListFileSource(ImageSource):
-    """A UTF-8 text file with one image path per line.
+    """A text file with one image path per line.
 
+    Lines are split on ``\\n`` (``\\r\\n`` too) and each is decoded on its own as UTF-8,
+    with bytes that are not UTF-8 kept as ``surrogateescape`` (as ``os.fsdecode`` does):
+    such a line is the exact byte name of a file on a POSIX file system (``find`` output
+    of non-UTF-8 names), so it is listed and read like any other, and one odd line
+    never costs the rest of the list. A leading UTF-8 BOM is dropped.
     Surrounding whitespace is stripped; blank lines and lines starting with ``#`` are
     ignored (no inline comments: ``#`` may be part of a file name). Backslashes count
     as ``/``. ``image_id`` is the path as written, posix-normalised (``./a//b.jpg`` ->
@@ -180,20 +222,22 @@ class ListFileSource(ImageSource):
             uri = os.path.normpath(os.path.join(base, os.path.expanduser(image_id)))
             yield _make_record(image_id, uri, f"{self.path}, line {number}")
 
+    def _none_found(self) -> str:
+        return (f"image list file {self.path!r} lists no image paths (only blank lines or '#' comments); "
+                "expected one image path per line. Check the file.")
+
     def _read_lines(self) -> list[str]:
         try:
-            with open(self.path, encoding="utf-8-sig") as handle:
-                return handle.read().splitlines()
-        except UnicodeDecodeError as exc:
-            raise ImageSourceError(
-                f"image list file {self.path!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                "expected one image path per line. Save it as UTF-8."
-            ) from None
+            with open(self.path, "rb") as handle:
+                data = handle.read()
         except OSError as exc:
             raise ImageSourceError(
                 f"cannot read image list file {self.path!r}: {exc.strerror or exc}; "
                 "expected a readable text file."
             ) from None
+        if data.startswith(b"\xef\xbb\xbf"):
+            data = data[3:]
+        return [line.decode("utf-8", "surrogateescape") for line in data.splitlines()]
 
 
 # -- COCO JSON ----------------------------------------------------------------------------
@@ -232,6 +276,10 @@ class CocoJsonSource(ImageSource):
             size = {key: _coco_size(entry.get(key), f"{where}.{key}") for key in ("width", "height")}
             uri = os.path.normpath(os.path.join(self.images_root, file_name))
             yield _make_record(file_name, uri, where, **size)
+
+    def _none_found(self) -> str:
+        return (f"COCO JSON file {self.path!r} has an empty 'images' list; expected at least one image "
+                'entry like {"file_name": "a.jpg"}. Check the file.')
 
     def _load_images(self) -> list[Any]:
         try:

@@ -1,9 +1,11 @@
 """read_image_rgb: every corpus file, bit-depth scaling, EXIF, size limits, hashing."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -225,6 +227,112 @@ def test_missing_file_and_directory(tmp_path):
         read_image_rgb(tmp_path)
     reasons = (missing.value.reason, below_file.value.reason, folder.value.reason)
     assert reasons == ("missing", "missing", "unreadable")
+
+
+@contextlib.contextmanager
+def _fails_instead_of_hanging(seconds: int = 30):
+    """A blocking call (open of a FIFO) becomes a failed test instead of a hung suite."""
+    class Hung(Exception):  # not an OSError: code under test must not turn it into a reason
+        pass
+
+    def hung(signum, frame):
+        raise Hung(f"blocked for {seconds} s: the read must never block")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _fifo(tmp_path: Path) -> Path:
+    os.mkfifo(tmp_path / "fifo.jpg")
+    return tmp_path / "fifo.jpg"
+
+
+def _link(tmp_path: Path, target: str, name: str = "link.jpg") -> Path:
+    os.symlink(target, tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize(
+    ("make", "reason", "message"),
+    [
+        (_fifo, "not_a_regular_file", "is a FIFO"),
+        (lambda tmp: _link(tmp, str(_fifo(tmp))), "not_a_regular_file", "FIFO (named pipe) (through a symlink)"),
+        (lambda tmp: _link(tmp, "/dev/zero"), "not_a_regular_file", "is a character device"),
+        (lambda tmp: Path("/dev/zero"), "not_a_regular_file", "is a character device"),
+        (lambda tmp: _link(tmp, "link.jpg"), "symlink_loop", "symlink loop"),
+        (lambda tmp: (_link(tmp, "b.jpg", "a.jpg"), _link(tmp, "a.jpg", "b.jpg"))[0], "symlink_loop", "symlink loop"),
+        (lambda tmp: _link(tmp, "nowhere.jpg"), "missing", "symlink to 'nowhere.jpg', which does not exist"),
+    ],
+)
+def test_special_files_fail_alone_and_never_block(tmp_path, make, reason, message):
+    path = make(tmp_path)
+    with _fails_instead_of_hanging(), pytest.raises(ImageDecodeError) as caught:
+        read_image_rgb(path)
+    assert caught.value.reason == reason and message in str(caught.value)
+
+
+def test_sparse_6gb_file_is_too_large_file_without_reading_it(tmp_path, monkeypatch):
+    assert decode.DEFAULT_MAX_FILE_BYTES == 1 << 30  # first: today's code would read the 6 GB
+    path = tmp_path / "huge.jpg"
+    with open(path, "wb") as handle:
+        handle.truncate(6 << 30)  # sparse: no disk used
+    reads = []
+    real_read = os.read
+    monkeypatch.setattr(decode.os, "read", lambda fd, n: reads.append(n) or real_read(fd, n))
+    with pytest.raises(ImageDecodeError) as caught:
+        read_image_rgb(path)
+    assert caught.value.reason == "too_large_file" and str(6 << 30) in str(caught.value)
+    assert reads == []
+    with pytest.raises(ImageDecodeError) as capped:
+        read_image_rgb(path, max_file_bytes=1 << 20)
+    assert capped.value.reason == "too_large_file" and "max_file_bytes=1048576" in str(capped.value)
+
+
+def test_max_file_bytes_is_inclusive(tmp_path):
+    path = _save(tmp_path, "a.png", Image.new("RGB", (3, 2), (9, 8, 7)))
+    size = path.stat().st_size
+    rgb, _ = read_image_rgb(path, max_file_bytes=size)
+    assert rgb.shape == (2, 3, 3)
+    with pytest.raises(ImageDecodeError) as caught:
+        read_image_rgb(path, max_file_bytes=size - 1)
+    assert caught.value.reason == "too_large_file"
+
+
+def test_read_stops_at_the_cap_when_the_size_is_wrong():
+    """procfs files say 0 bytes and hold more: the cap holds on what is read, not on st_size."""
+    assert os.stat("/proc/self/status").st_size == 0
+    with pytest.raises(ImageDecodeError) as caught:
+        decode.read_file_bytes("/proc/self/status", max_file_bytes=64)
+    assert caught.value.reason == "too_large_file" and "more than 64 bytes were read" in str(caught.value)
+    assert b"Name:" in decode.read_file_bytes("/proc/self/status", max_file_bytes=1 << 20)
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 1.5, "1"])
+def test_max_file_bytes_must_be_a_positive_int(tmp_path, value):
+    with pytest.raises(ValidationError, match="max_file_bytes must be a positive int"):
+        read_image_rgb(tmp_path / "a.png", max_file_bytes=value)
+
+
+@pytest.mark.parametrize("name", ["a\x00b.jpg", "\ud800.jpg"])
+def test_paths_no_file_can_have_are_unreadable(tmp_path, name):
+    with pytest.raises(ImageDecodeError) as caught:
+        read_image_rgb(str(tmp_path / name))
+    assert caught.value.reason == "unreadable" and "cannot be a file path" in str(caught.value)
+
+
+def test_non_utf8_file_names_decode(tmp_path):
+    raw = os.fsencode(tmp_path) + b"/bad\xff\xfename.png"
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 3), (1, 2, 3)).save(buffer, "PNG")
+    with open(raw, "wb") as handle:
+        handle.write(buffer.getvalue())
+    rgb, info = read_image_rgb(os.fsdecode(raw))
+    assert rgb.shape == (3, 4, 3) and info["sha256"] == hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs a non-root posix user")

@@ -101,6 +101,51 @@ def test_folder_follows_symlinked_folder_without_looping(tree):
     assert "sub/d.jpeg" in ids and "z/Tiff.TIF" in ids and "z/link/d.jpeg" not in ids
 
 
+def test_folder_lists_unreadable_entries_so_they_fail_alone(tmp_path):
+    """Loops, dangling symlinks, FIFOs and device symlinks with an image name are listed (each fails
+    later with a reason in the ledger): neither an aborted listing nor a silent skip."""
+    root = tmp_path / "images"
+    _touch(root, "good.jpg", "sub/inner.jpg")
+    os.symlink("loop.jpg", root / "loop.jpg")  # ELOOP on stat
+    os.symlink("ring_b.jpg", root / "ring_a.jpg")
+    os.symlink("ring_a.jpg", root / "ring_b.jpg")
+    os.symlink("nowhere.jpg", root / "dangling.jpg")
+    os.symlink("/dev/zero", root / "zero.jpg")
+    os.mkfifo(root / "fifo.png")
+    os.symlink("knot", root / "knot")  # a loop without an image extension: not listed, no abort
+    os.symlink("..", root / "sub" / "up")  # a folder loop: cut
+    os.symlink("../sub", root / "sub" / "again.jpg")  # a folder named like an image: walked (once)
+    assert _ids(FolderSource(root)) == ["dangling.jpg", "fifo.png", "good.jpg", "loop.jpg", "ring_a.jpg",
+                                        "ring_b.jpg", "sub/inner.jpg", "zero.jpg"]
+
+
+def test_folder_ids_of_non_utf8_names_are_the_bytes_of_the_name(tmp_path):
+    raw = os.fsencode(tmp_path) + b"/bad\xff\xfename.jpg"
+    with open(raw, "wb") as handle:
+        handle.write(b"x")
+    (record,) = FolderSource(tmp_path).list_records()
+    assert record.image_id == "bad\udcff\udcfename.jpg" and os.fsencode(record.uri) == raw
+    assert ImageRecord.from_dict(json.loads(json.dumps(record.to_dict()))) == record
+
+
+@pytest.mark.parametrize(
+    ("make", "options", "message"),
+    [
+        (lambda root: None, {}, "no images found in folder"),
+        (lambda root: _touch(root, "notes.txt", ".hidden.jpg", ".cache/a.jpg"), {}, "no images found in folder"),
+        (lambda root: _touch(root, "sub/a.jpg"), {"recursive": False}, "subfolders not searched"),
+        (lambda root: _touch(root, "a.png"), {"extensions": [".jpg"]}, r"extensions \.jpg"),
+    ],
+)
+def test_folder_without_images_is_an_error(tmp_path, make, options, message):
+    root = tmp_path / "images"
+    root.mkdir()
+    make(root)
+    with pytest.raises(ImageSourceError, match=message) as caught:
+        FolderSource(root, **options).list_records()
+    assert str(root) in str(caught.value) and "expected at least one image" in str(caught.value)
+
+
 def test_folder_on_corrupt_corpus_lists_every_file(tmp_path):
     expected = make_corrupt_corpus(tmp_path)
     assert _ids(FolderSource(tmp_path)) == sorted(expected)
@@ -152,9 +197,28 @@ def test_list_file_errors(tmp_path):
         ListFileSource(tmp_path / "absent.txt")
     with pytest.raises(ImageSourceError, match="is a folder"):
         ListFileSource(tmp_path)
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9.jpg\n".encode("latin-1"))
-    with pytest.raises(ImageSourceError, match="UTF-8"):
-        ListFileSource(tmp_path / "latin1.txt").list_records()
+
+
+def test_list_file_lines_that_are_not_utf8_are_the_bytes_of_a_name(tmp_path):
+    """A list written by ``find`` on non-UTF-8 names: each line names the file with those bytes."""
+    (tmp_path / "l.txt").write_bytes(b"\xef\xbb\xbfgood.jpg\r\nbad\xff\xfe.jpg\ncaf\xe9.jpg\n# c\xe9\n")
+    records = ListFileSource(tmp_path / "l.txt").list_records()
+    assert [r.image_id for r in records] == ["bad\udcff\udcfe.jpg", "caf\udce9.jpg", "good.jpg"]
+    assert os.fsencode(records[0].uri) == os.fsencode(tmp_path) + b"/bad\xff\xfe.jpg"
+    assert os.fsencode(records[1].uri) == os.fsencode(tmp_path) + b"/caf\xe9.jpg"
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n", b"# only a comment\n   \n"])
+def test_list_file_without_paths_is_an_error(tmp_path, content):
+    (tmp_path / "l.txt").write_bytes(content)
+    with pytest.raises(ImageSourceError, match="lists no image paths"):
+        ListFileSource(tmp_path / "l.txt").list_records()
+
+
+def test_coco_without_images_is_an_error(tmp_path):
+    path = _write_json(tmp_path / "ann.json", {"images": [], "annotations": []})
+    with pytest.raises(ImageSourceError, match="empty 'images' list"):
+        CocoJsonSource(path).list_records()
 
 
 def test_list_file_describe(tmp_path):
