@@ -117,17 +117,17 @@ def write_bytes_atomic(path: Path, data: bytes, what: str, *, durable: bool = Tr
         handle.write(data)
 
 
-def json_bytes(obj: Any, **options: Any) -> bytes:
-    """``json.dumps(obj, sort_keys=True, **options)`` as UTF-8, readable where it can be.
+def json_bytes(obj: Any, sort_keys: bool = True, **options: Any) -> bytes:
+    """``json.dumps(obj, sort_keys=sort_keys, **options)`` as UTF-8, readable where it can be.
 
     Text is written unescaped, except where it holds lone surrogates (file names that are
     not UTF-8, decoded with ``surrogateescape``): those are written ``\\udcff``-escaped,
     which ``json.loads`` turns back into the same string, so such ids round-trip.
     """
     try:
-        return json.dumps(obj, sort_keys=True, ensure_ascii=False, **options).encode("utf-8")
+        return json.dumps(obj, sort_keys=sort_keys, ensure_ascii=False, **options).encode("utf-8")
     except UnicodeEncodeError:
-        return json.dumps(obj, sort_keys=True, ensure_ascii=True, **options).encode("ascii")
+        return json.dumps(obj, sort_keys=sort_keys, ensure_ascii=True, **options).encode("ascii")
 
 
 def write_json_atomic(path: Path, obj: Any, what: str, *, note: str = STORE_NOTE) -> None:

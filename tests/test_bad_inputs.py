@@ -152,8 +152,6 @@ def test_non_utf8_file_name_is_labelled_and_its_shard_commits(odd_name_run):
     assert again.returncode == 0 and "0 shards run, 2 already done" in again.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="labelgen/exports/coco.py encodes entries with ensure_ascii=False and "
-                                       "raises UnicodeEncodeError on a surrogate-escaped file_name")
 def test_non_utf8_file_name_exports_to_coco(odd_name_run):
     root, done, ids = odd_name_run
     assert done.returncode == 0, done.stderr

@@ -38,7 +38,7 @@ from typing import Any, BinaryIO, Iterator, Literal
 from pycocotools import mask as coco_mask
 
 from .. import __version__
-from ..atomic import EXPORT_NOTE, atomic_file, create_temp, store_write_error, write_json_atomic
+from ..atomic import EXPORT_NOTE, atomic_file, create_temp, json_bytes, store_write_error, write_json_atomic
 from ..errors import ExportError
 from ..instances import Instances
 from .paths import export_lock, relative_to_root, remove_stale_export_temps, safe_join
@@ -243,7 +243,7 @@ def _tolerance_error(report: CocoExportReport) -> ExportError:
 def _concatenate(target: Path, head: dict[str, Any], parts: list[Path]) -> None:
     """``{head..., "images": [part0], "annotations": [part1]}`` written atomically."""
     with atomic_file(target, "COCO annotations", note=EXPORT_NOTE) as handle:
-        handle.write(json.dumps(head, ensure_ascii=False)[:-1].encode("utf-8"))  # keys in head's order
+        handle.write(json_bytes(head, sort_keys=False)[:-1])  # keys in head's order
         for key, part in zip(("images", "annotations"), parts):
             handle.write(f', "{key}": [\n'.encode())
             with open(part, "rb") as chunk:
@@ -253,8 +253,8 @@ def _concatenate(target: Path, head: dict[str, Any], parts: list[Path]) -> None:
 
 
 def _line(entry: dict[str, Any], first: bool) -> bytes:
-    text = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return (text if first else ",\n" + text).encode("utf-8")
+    data = json_bytes(entry, separators=(",", ":"))  # non-UTF-8 file names are written \\udcXX-escaped
+    return data if first else b",\n" + data
 
 
 def _to_coco(rle: dict) -> dict:
