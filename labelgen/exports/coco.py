@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import heapq
-import json
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
