@@ -37,15 +37,18 @@ def _add_label_source_options(parser: argparse.ArgumentParser, verb: str, filter
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="labelgen", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="labelgen", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"labelgen {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug messages, and the model libraries' own INFO messages (hidden by default)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="label a folder / list / COCO JSON of images into a run directory")
     run.add_argument("recipe", help="recipe YAML (e.g. recipes/zip-paper.yaml) or a name in ./recipes/")
     run.add_argument("--images", required=True, help="image folder, list file (.txt) or COCO JSON")
-    run.add_argument("--images-kind", default="auto", choices=["auto", "folder", "list", "coco"])
+    run.add_argument("--images-kind", default="auto", choices=["auto", "folder", "list", "coco"],
+                     help="what --images is (default auto: a folder, a .txt list of paths, or a COCO .json)")
     run.add_argument("--images-root", help="COCO JSON: folder that file_name is relative to")
     run.add_argument("--out", required=True, help="run directory (created; rerun the same command to resume)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -88,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="export labels to COCO, YOLO or a FiftyOne dataset")
     exp.add_argument("run_dir")
-    exp.add_argument("--format", required=True, choices=["coco", "yolo", "fiftyone"])
+    exp.add_argument("--format", required=True, choices=["coco", "yolo", "fiftyone"],
+                     help="coco: one annotations.json; yolo: a dataset folder (labels, data.yaml); fiftyone: a dataset")
     exp.add_argument("--out", help="target folder (coco, yolo)")
     exp.add_argument("--dataset", help="FiftyOne dataset name (fiftyone)")
     exp.add_argument("--images-root", help="folder that exported file names are relative to (default: the source's)")
@@ -105,17 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     rev.add_argument("run_dir")
     rev.add_argument("--dataset", help="FiftyOne dataset name (default: labelgen-RUN_ID)")
     rev.add_argument("--filtered", metavar="NAME", help="review RUN_DIR/filtered/NAME instead of all labels")
-    rev.add_argument("--port", type=int, default=5151)
+    rev.add_argument("--port", type=int, default=5151, help="App port (default 5151)")
     rev.add_argument("--address", default="127.0.0.1", help="bind address (default localhost only)")
 
     pull = sub.add_parser("pull", help="read back the review (tags, edits, added labels) into RUN_DIR/reviewed/NAME")
     pull.add_argument("run_dir")
     pull.add_argument("--dataset", help="FiftyOne dataset name (default: labelgen-RUN_ID)")
-    pull.add_argument("--name", default="reviewed")
+    pull.add_argument("--name", default="reviewed", help="write RUN_DIR/reviewed/NAME (default: reviewed)")
 
     imp = sub.add_parser("import", help="import ground truth (COCO JSON or YOLO folder) as a run directory")
     imp.add_argument("source", help="COCO JSON file or YOLO dataset folder")
-    imp.add_argument("--format", required=True, choices=["coco", "yolo"])
+    imp.add_argument("--format", required=True, choices=["coco", "yolo"], help="what SOURCE is")
     imp.add_argument("--out", required=True, help="run directory to create")
     imp.add_argument("--images-root", help="coco: folder that file_name is relative to")
     imp.add_argument("--split", help="yolo: split folder (e.g. train2017)")
@@ -143,14 +147,39 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="machine-readable output")
 
     gens = sub.add_parser("generators", help="list the registered generators")
-    gens.add_argument("--plugin", action="append", default=[])
+    gens.add_argument("--plugin", action="append", default=[], help="import MODULE first to register its generators")
+    _fill_in_help(sub)
     return parser
+
+
+DESCRIPTION = """Instance-segmentation labels for images that have no annotations (Zip: CLIP finds the
+objects, SAM draws their masks), written to a run directory you can stop and resume; then
+filter, review, evaluate and export them (COCO, YOLO, FiftyOne)."""
+EPILOG = """typical use:
+  labelgen run recipes/zip-paper.yaml --images DIR --out runs/r1   (rerun the same command to resume)
+  labelgen status runs/r1
+  labelgen filter runs/r1 --min-confidence 0.5 --save confident
+  labelgen export runs/r1 --filtered confident --format coco --out exports/coco
+
+exit status: 0 done; 1 finished but some shards crashed (rerun to retry them); 2 an error that says
+what to fix (bad recipe, missing weights, different settings...); 130 interrupted.
+`labelgen COMMAND --help` describes each command."""
+RUN_DIR_HELP = "run directory (the --out of `labelgen run`)"
+
+
+def _fill_in_help(subcommands: argparse._SubParsersAction) -> None:
+    """Each command's --help starts with its one-line summary; RUN_DIR is explained the same way everywhere."""
+    summaries = {action.dest: action.help for action in subcommands._choices_actions}
+    for name, parser in subcommands.choices.items():
+        parser.description = parser.description or summaries.get(name)
+        for action in parser._actions:
+            if action.dest == "run_dir" and not action.help:
+                action.help = RUN_DIR_HELP
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _setup_logging(args.verbose)
     try:
         commands = {"run": _cmd_run, "status": _cmd_status, "filter": _cmd_filter, "export": _cmd_export,
                     "review": _cmd_review, "pull": _cmd_pull, "import": _cmd_import, "generators": _cmd_generators,
@@ -162,6 +191,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("labelgen: interrupted; committed shards are kept. Rerun the same command to resume.", file=sys.stderr)
         return 130
+
+
+def _setup_logging(verbose: bool) -> None:
+    """labelgen's own messages from INFO up; other libraries' (open_clip logs every model it builds on
+    the root logger at INFO) from WARNING up, unless -v, which shows everything from DEBUG up."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.WARNING)  # also when already configured
+    logging.getLogger("labelgen").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _resolve_recipe(name: str) -> Path:

@@ -135,3 +135,39 @@ def test_filter_cli_works_with_model_libraries_unimportable(tmp_path, image_dir,
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr
     assert (out / "filtered" / "nomodel" / "filter.yaml").is_file()
+
+
+def test_every_command_and_option_has_help_and_the_description_is_for_users():
+    import argparse
+
+    from labelgen.cli import build_parser
+
+    parser = build_parser()
+    assert "Instance-segmentation labels" in parser.description and "``" not in parser.description
+    missing = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                if not sub.description:
+                    missing.append(f"{name} (description)")
+                missing += [f"{name} {a.option_strings or a.dest}" for a in sub._actions if not a.help]
+            missing += [f"{a.dest} (summary)" for a in action._choices_actions if not a.help]
+    assert missing == []
+
+
+def _tiny_run_stderr(tmp_path, image_dir, *flags):
+    out = tmp_path / f"run{len(flags)}"
+    done = subprocess.run([sys.executable, "-m", "labelgen.cli", *flags, "run", "recipes/zip-tiny-random.yaml",
+                           "--images", str(image_dir), "--out", str(out), "--no-progress",
+                           "--set", "store.shard_size=10"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [line for line in done.stderr.splitlines() if line.startswith(("INFO ", "DEBUG "))]
+
+
+def test_model_library_info_messages_are_hidden_unless_verbose(tmp_path, image_dir):
+    """open_clip logs several INFO lines per model it builds (on the root logger): not by default, yes with -v."""
+    quiet = _tiny_run_stderr(tmp_path, image_dir)
+    assert all(line.startswith("INFO labelgen") for line in quiet), quiet
+    verbose = _tiny_run_stderr(tmp_path, image_dir, "-v")
+    assert any(line.startswith("INFO root") for line in verbose), verbose[:20]

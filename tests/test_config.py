@@ -205,3 +205,61 @@ def test_cpu_recipes_default_to_auto_and_test_recipes_to_a_fixed_precision():
         assert load_recipe(RECIPES / name).generator.params.precision == "auto", name
     for name in ("zip-tiny-random.yaml", "sam-auto-tiny-random.yaml"):  # tests compare their outputs
         assert load_recipe(RECIPES / name).generator.params.precision == "fp32", name
+
+
+# -- the recipe that shows every field ---------------------------------------------------------------
+def _field_paths(cls, prefix=""):
+    """Dotted names of every leaf field of config dataclass ``cls`` (nested config sections expanded)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        options = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
+        nested = next((a for a in options if dataclasses.is_dataclass(a)), None)
+        if nested is not None:
+            yield from _field_paths(nested, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}"
+
+
+def _paper_recipe_with_optional_sections():
+    text = (RECIPES / "zip-paper.yaml").read_text(encoding="utf-8")
+    optional = text[text.index("# labeler:"):].splitlines()
+    assert all(line.startswith("# ") for line in optional)
+    return text, {**yaml.safe_load(text), **yaml.safe_load("\n".join(line[2:] for line in optional))}
+
+
+def test_paper_recipe_lists_every_field_at_its_default_with_a_comment():
+    """README says zip-paper.yaml shows every field: each field of the Recipe dataclasses is in it
+    (labeler and scoring as commented-out sections), at its default, with a comment."""
+    from labelgen.config import ExecutionConfig, ImagesConfig, StoreConfig
+    from labelgen.labeling import LabelerConfig
+    from labelgen.scoring import ScoringConfig
+    from labelgen.zipmethod.config import ZipConfig
+
+    text, data = _paper_recipe_with_optional_sections()
+    expected = ["description", "generator.name", *(f"generator.{p}" for p in _field_paths(ZipConfig))]
+    for section, cls in (("images", ImagesConfig), ("store", StoreConfig), ("execution", ExecutionConfig),
+                         ("labeler", LabelerConfig), ("scoring", ScoringConfig)):
+        expected += [f"{section}.{p}" for p in _field_paths(cls)]
+    missing = []
+    for path in expected:
+        node = data
+        for part in path.split("."):
+            node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+        if node is KeyError:
+            missing.append(path)
+    assert missing == [], f"add these fields to recipes/zip-paper.yaml: {missing}"
+    recipe = recipe_from_dict(data)  # the commented-out sections are valid when uncommented
+    assert recipe.generator.params == ZipConfig() and recipe.images == ImagesConfig()
+    assert recipe.store == StoreConfig() and recipe.execution == ExecutionConfig()
+    assert recipe.scoring == ScoringConfig()
+    assert recipe.labeler == LabelerConfig(classes=recipe.labeler.classes)
+    assert load_recipe(RECIPES / "zip-paper.yaml").labeler is None  # the optional sections stay off
+    import re
+
+    leaves = [line for line in text.splitlines() if re.match(r"^(# )?\s*\w+: \S", line)]
+    assert len(leaves) >= len(expected) and all(" # " in line for line in leaves), \
+        [line for line in leaves if " # " not in line]
