@@ -59,14 +59,16 @@ def run(
     store = RunStore(out)
     generator_cls = GENERATORS.get(recipe.generator.name)
     checked = not store.exists() or new_run
+    records = None
     if checked:  # before anything is written: fixing the recipe must not look like a new config
         _preflight(generator_cls, recipe)
+        records = source.list_records()  # an empty or unlistable source is refused before --out exists
     _make_root(store.root)
     with store.locked():
         store.cleanup_temps()
         if store.exists() and not new_run:
             store.recover_plan()
-        added = _prepare(store, recipe, source, extend=extend, new_run=new_run)
+        added = _prepare(store, recipe, source, extend=extend, new_run=new_run, records=records)
         plan = _verified_plan(store, recipe.fingerprint())
         result = RunResult(store.root, plan.shards, plan.shards - len(plan.pending), 0, images_added=added,
                            shards_corrupt=[index for index, _ in plan.corrupt])
@@ -116,13 +118,15 @@ def _make_root(root: Path) -> None:
         raise store_write_error(exc, root, "run directory") from exc
 
 
-def _prepare(store: RunStore, recipe: Recipe, source: ImageSource, *, extend: bool, new_run: bool) -> int:
-    """New run: list the source and freeze the plan. Existing run: check identity, maybe extend."""
+def _prepare(store: RunStore, recipe: Recipe, source: ImageSource, *, extend: bool, new_run: bool,
+             records: Sequence[Any] | None = None) -> int:
+    """New run: freeze the plan of the source's ``records`` (listed now if not given). Existing run:
+    check identity, maybe extend."""
     spec = source.describe()
     if store.exists() and new_run:
         log.warning("archived the previous run to %s", store.archive())
     if not store.exists():
-        records = source.list_records()
+        records = source.list_records() if records is None else records
         store.initialize(recipe, spec, records)
         return len(records)
     store.check_same_run(recipe, spec)

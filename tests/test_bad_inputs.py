@@ -179,7 +179,7 @@ def test_empty_image_folder_is_a_clear_error_and_no_run(tmp_path):
     done = _run(images, tmp_path / "run")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith("labelgen: error: no images found in folder") and str(images) in done.stderr
-    assert not (tmp_path / "run" / "run.json").exists() and not (tmp_path / "run" / "plan.jsonl").exists()
+    assert not (tmp_path / "run").exists()  # nothing is written: the corrected command starts afresh
 
 
 def test_an_unexpected_decode_error_fails_that_image_only(tmp_path, monkeypatch):
