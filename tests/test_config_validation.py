@@ -272,6 +272,7 @@ def test_sam_model_types_match_the_models_that_can_be_built():
 @pytest.mark.parametrize("recipe, bad, good", [
     ("fake-smoke.yaml", "generator.instances_per_image=-1", "generator.instances_per_image=2"),
     ("zip-tiny-random.yaml", "generator.sam.model_type=vit_z", "generator.sam.model_type=tiny"),
+    ("zip-tiny-random.yaml", "generator.semantic.surgery_depth=9", "generator.semantic.surgery_depth=6"),
 ])
 def test_a_bad_value_writes_nothing_and_the_fixed_recipe_then_runs(tmp_path, image_dir, capsys, recipe, bad, good):
     out = tmp_path / "run"
@@ -292,3 +293,21 @@ def test_recipe_dataclasses_are_frozen_and_checked_on_replace():
     with pytest.raises(ConfigError, match="shard_size"):
         dataclasses.replace(recipe.store, shard_size=-1)
     assert isinstance(recipe, Recipe)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("generator.semantic.surgery_depth=13", "generator.semantic.surgery_depth: expected 0..12 (ViT-B-16 has 12 blocks)"),
+    ("generator.semantic.input_size=500", "generator.semantic.input_size: expected a multiple of ViT-B-16's patch size 16"),
+    ("generator.semantic.model=ViT-B-17", "generator.semantic.model: unknown open_clip model 'ViT-B-17'. Did you mean"),
+    ("generator.semantic.model=RN50", "generator.semantic.model: 'RN50' is a ResNet"),
+    ("generator.boundary.model=ViT-B-16", "generator.boundary.model: 'ViT-B-16' is a ViT"),
+    ("generator.boundary.model=RN5O", "generator.boundary.model: unknown open_clip model 'RN5O'"),
+])
+def test_model_dependent_values_are_refused_by_preflight_without_building_models(override, message):
+    pytest.importorskip("open_clip")
+    from labelgen.generators import GENERATORS
+
+    recipe = recipe_from_dict(apply_overrides({**FAKE, **ZIP}, [override]))
+    with pytest.raises(ConfigError) as info:
+        GENERATORS.get("zip").preflight(recipe.generator.params)
+    assert message in str(info.value)

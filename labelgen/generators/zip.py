@@ -16,6 +16,7 @@ Imports no torch at import time: model code loads in ``from_config``.
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import logging
@@ -27,7 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from ..feature_cache import FeatureCache
-from ..errors import GeneratorError
+from ..errors import ConfigError, GeneratorError
 from ..instances import ImageRecord, Instances
 from ..masks import masks_to_rles, rles_to_boxes_xyxy
 from ..nms import mask_nms
@@ -81,7 +82,10 @@ class ZipGenerator(Generator):
     # -- building -----------------------------------------------------------------------
     @classmethod
     def preflight(cls, config: ZipConfig) -> None:
-        """Fail at once, before any worker starts, when weight files are missing (all of them named)."""
+        """Fail at once, before any worker starts (and before a new run directory is created): the
+        open_clip architectures must exist and fit the settings, and every weight file must be there
+        (all missing files are named in one error)."""
+        check_architectures(config)
         if config.random_weights:
             log.warning("zip: RANDOM WEIGHTS requested: the real architectures with random weights."
                         " The labels will be MEANINGLESS (smoke test only).")
@@ -337,6 +341,39 @@ class ZipGenerator(Generator):
                                                "area_cells", "sam_mask_choice")},
             provenance={"generator": self.name},
         )
+
+
+def check_architectures(config: ZipConfig) -> None:
+    """The settings that depend on the model, checked on open_clip's model configs (no model is built):
+    stage 1 needs a known ViT whose patch size divides ``input_size`` and that has at least
+    ``surgery_depth`` blocks; stage 2 needs a known ResNet. Raises ``ConfigError`` naming the key."""
+    import open_clip
+
+    from ..zipmethod.models import register_model_configs
+
+    register_model_configs()
+    known = open_clip.list_models()
+    for key, name in (("generator.semantic.model", config.semantic.model),
+                      ("generator.boundary.model", config.boundary.model)):
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            hint = f" Did you mean {', '.join(close)}?" if close else " `open_clip.list_models()` lists them."
+            raise ConfigError(f"{key}: unknown open_clip model {name!r}.{hint}")
+    vision = (open_clip.get_model_config(config.semantic.model) or {}).get("vision_cfg", {})
+    layers, patch = vision.get("layers"), vision.get("patch_size")
+    if isinstance(layers, (list, tuple)):
+        raise ConfigError(f"generator.semantic.model: {config.semantic.model!r} is a ResNet; CLIP Surgery needs a ViT"
+                          " (e.g. ViT-B-16)")
+    if isinstance(layers, int) and config.semantic.surgery_depth > layers:
+        raise ConfigError(f"generator.semantic.surgery_depth: expected 0..{layers} ({config.semantic.model} has"
+                          f" {layers} blocks); got {config.semantic.surgery_depth}")
+    if isinstance(patch, int) and patch > 0 and config.semantic.input_size % patch:
+        raise ConfigError(f"generator.semantic.input_size: expected a multiple of {config.semantic.model}'s patch size"
+                          f" {patch}; got {config.semantic.input_size}")
+    boundary = (open_clip.get_model_config(config.boundary.model) or {}).get("vision_cfg", {})
+    if isinstance(boundary.get("layers"), int):
+        raise ConfigError(f"generator.boundary.model: {config.boundary.model!r} is a ViT; the boundary stage needs a"
+                          " CLIP ResNet (e.g. RN50x64, RN50x4)")
 
 
 def image_sha256(image_rgb: np.ndarray) -> str:
