@@ -127,12 +127,18 @@ def test_missing_cuda_is_a_clear_error():
 
 @pytest.mark.parametrize("field, value, message", [
     ("generator.semantic.model", "No-Such-Model", "unknown open_clip model"),
-    ("generator.sam.model_type", "vit_x", "vit_x"),
 ])
 def test_bad_model_names_are_clear_errors(field, value, message):
     recipe = recipe_from_dict(apply_overrides(load_recipe(TINY).to_dict(), [f"{field}={value}"]))
     with pytest.raises(GeneratorError, match=message):
         GENERATORS.get("zip").from_config(recipe.generator.params)
+
+
+def test_unknown_sam_model_type_is_refused_when_the_recipe_loads():
+    from labelgen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"generator.sam.model_type: expected one of .*; got 'vit_x'"):
+        recipe_from_dict(apply_overrides(load_recipe(TINY).to_dict(), ["generator.sam.model_type=vit_x"]))
 
 
 @pytest.mark.slow
