@@ -105,16 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--images", dest="yolo_images", default="symlink", choices=["symlink", "copy", "none"],
                      help="yolo: how images are placed in the export")
 
-    rev = sub.add_parser("review", help="export to FiftyOne and open the App (localhost; URL printed)")
+    rev = sub.add_parser("review", help="export to FiftyOne and serve the App on localhost until Ctrl-C (URL printed)")
     rev.add_argument("run_dir")
-    rev.add_argument("--dataset", help="FiftyOne dataset name (default: labelgen-RUN_ID)")
+    rev.add_argument("--dataset", help="FiftyOne dataset name (default: labelgen-RUN_ID); recorded for `labelgen pull`")
     rev.add_argument("--filtered", metavar="NAME", help="review RUN_DIR/filtered/NAME instead of all labels")
     rev.add_argument("--port", type=int, default=5151, help="App port (default 5151)")
-    rev.add_argument("--address", default="127.0.0.1", help="bind address (default localhost only)")
+    rev.add_argument("--address", default="127.0.0.1",
+                     help="App bind address (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
 
     pull = sub.add_parser("pull", help="read back the review (tags, edits, added labels) into RUN_DIR/reviewed/NAME")
     pull.add_argument("run_dir")
-    pull.add_argument("--dataset", help="FiftyOne dataset name (default: labelgen-RUN_ID)")
+    pull.add_argument("--dataset", help="FiftyOne dataset name (default: the run's only dataset; if it has several,"
+                      " they are listed)")
     pull.add_argument("--name", default="reviewed", help="write RUN_DIR/reviewed/NAME (default: reviewed)")
 
     imp = sub.add_parser("import", help="import ground truth (COCO JSON or YOLO folder) as a run directory")
@@ -378,26 +380,33 @@ def _report_text(report) -> str:
 
 
 def _cmd_review(args: argparse.Namespace) -> int:
-    from .review import launch_review
-    from .store import RunStore
+    from .review import default_dataset_name, launch_review, quiet_fiftyone_console
 
-    name = args.dataset or f"labelgen-{RunStore(args.run_dir).manifest()['run_id']}"
+    quiet_fiftyone_console()  # FiftyOne's messages once, through our logging; its banner is replaced by ours
+    name = args.dataset or default_dataset_name(args.run_dir)
     review = launch_review(args.run_dir, name, port=args.port, address=args.address, filtered=args.filtered,
                            wait=False)
-    print(f"FiftyOne App for dataset {name!r}: {review.url}")
+    pull = f"labelgen pull {args.run_dir}" + (f" --dataset {name}" if args.dataset else "")
+    print(f"exported {review.export.images} images, {review.export.labels} labels to FiftyOne dataset {name!r}")
+    print(f"tag labels 'approved' / 'rejected', edit or add labels in the App, then run: {pull}")
     if args.address in ("127.0.0.1", "localhost"):
-        print(f"remote machine? forward the port first: ssh -N -L {args.port}:127.0.0.1:{args.port} USER@HOST")
-    print("tag labels 'approved' / 'rejected', edit or add labels, then run: labelgen pull", args.run_dir)
-    review.session.wait()
+        print(f"on a remote machine? forward the port first: ssh -N -L {args.port}:127.0.0.1:{args.port} USER@HOST")
+    print("serving the App until Ctrl-C (closing the browser tab does not stop it); open:")
+    print(f"\n    {review.url}\n", flush=True)
+    try:
+        review.session.wait(-1)
+    except KeyboardInterrupt:
+        review.session.close()
+        print(f"labelgen: App stopped. Pull the review with: {pull}", file=sys.stderr)
     return 0
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
-    from .review import pull_review
-    from .store import RunStore
+    from .review import pull_review, quiet_fiftyone_console
 
-    name = args.dataset or f"labelgen-{RunStore(args.run_dir).manifest()['run_id']}"
-    report = pull_review(args.run_dir, name, name=args.name)
+    quiet_fiftyone_console()
+    report = pull_review(args.run_dir, args.dataset, name=args.name)
+    print(f"pulled the review in FiftyOne dataset {report.dataset!r} into {report.path}", file=sys.stderr)
     print(_report_text(report))
     print(f"export the reviewed labels with: labelgen export {args.run_dir} --reviewed {args.name} --format coco --out DIR")
     return 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -38,9 +39,9 @@ from PIL import Image
 
 from .atomic import write_bytes_atomic, write_json_atomic, write_jsonl_gz_atomic
 from .config import from_mapping
-from .errors import ExportError
+from .errors import ConfigError, ExportError
 from .exports.fiftyone_export import (FIELD, FiftyOneExportReport, SourceRow, box_pixels, detection_label,
-                                      export_fiftyone, import_fiftyone, iter_source_rows)
+                                      export_fiftyone, import_fiftyone, iter_source_rows, recorded_datasets)
 from .exports.source import ExportSource, open_export_source
 from .filter_config import FilterConfig
 from .filter_store import compress_level, staged_folder
@@ -91,22 +92,81 @@ class PullReport:
     untouched: int
 
 
-def launch_review(run_dir: str | Path, dataset_name: str, *, port: int = 5151, address: str = "127.0.0.1",
-                  filtered: str | None = None, wait: bool = True) -> ReviewSession:
-    """Export the run (or its filtered copy ``filtered``) to ``dataset_name`` and serve the App on
-    ``address:port`` (remote mode: no browser is opened). ``wait``: block until the App closes."""
+def default_dataset_name(run_dir: str | Path) -> str:
+    """The FiftyOne dataset ``labelgen review`` exports a run to when it is given no name."""
+    return f"labelgen-{RunStore(run_dir).manifest()['run_id']}"
+
+
+def launch_review(run_dir: str | Path, dataset_name: str | None = None, *, port: int = 5151,
+                  address: str = "127.0.0.1", filtered: str | None = None, wait: bool = True) -> ReviewSession:
+    """Export the run (or its filtered copy ``filtered``) to ``dataset_name`` (default
+    ``default_dataset_name``; recorded in ``RUN_DIR/fiftyone/datasets.json``) and serve the App on
+    ``address:port``, localhost only by default (remote mode: no browser is opened).
+
+    ``wait``: serve until ``KeyboardInterrupt`` (Ctrl-C), which propagates; closing the last browser
+    tab does not stop the server. ``wait=False``: return at once; ``session.wait(-1)`` serves on.
+    """
+    dataset_name = dataset_name or default_dataset_name(run_dir)
     report = export_fiftyone(open_export_source(run_dir, filtered=filtered), dataset_name)
     fo = import_fiftyone()
     session = fo.launch_app(fo.load_dataset(dataset_name), address=address, port=port, remote=True)
     host = "127.0.0.1" if address in ("", "0.0.0.0") else address
     review = ReviewSession(dataset_name, f"http://{host}:{port}/datasets/{quote(dataset_name)}", session, report)
     if wait:
-        session.wait()
+        session.wait(-1)  # FiftyOne's default returns ~3 s after the last tab closes
     return review
 
 
-def pull_review(run_dir: str | Path, dataset_name: str, name: str = "reviewed") -> PullReport:
-    """Write ``RUN_DIR/reviewed/NAME/`` from the review in ``dataset_name`` (rules: module docstring).
+def quiet_fiftyone_console() -> None:
+    """For command-line programs that configure ``logging`` themselves: FiftyOne's log records
+    reach the root logger's handlers only, once each. FiftyOne adds console handlers of its own to
+    its loggers at import, so each record is shown twice (by those and by the root's); they are
+    removed. Its App banner and remote-session instructions (which name a port of their own) are
+    kept out; the caller says where the App is (``ReviewSession.url``)."""
+    import_fiftyone()  # FiftyOne adds its handlers when it is imported
+    for name in ("fiftyone", "eta"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+    logging.getLogger("fiftyone.core.session.session").setLevel(logging.WARNING)
+
+
+def run_datasets(run_dir: str | Path) -> list[str]:
+    """The FiftyOne datasets that hold this run: those recorded in ``RUN_DIR/fiftyone/datasets.json``
+    and the default name, when they exist and hold it; when none do, every dataset whose info names
+    this run (exports from before the record)."""
+    fo = import_fiftyone()
+    run_id = RunStore(run_dir).manifest()["run_id"]
+    recorded = list(dict.fromkeys([*recorded_datasets(run_dir), default_dataset_name(run_dir)]))
+    names = [n for n in recorded if _holds_run(fo, n, run_id)]
+    return names or [n for n in fo.list_datasets() if _holds_run(fo, n, run_id)]
+
+
+def _holds_run(fo: Any, name: str, run_id: str) -> bool:
+    try:
+        return fo.dataset_exists(name) and fo.load_dataset(name).info.get("labelgen_run_id") == run_id
+    except ValueError:  # deleted meanwhile
+        return False
+
+
+def choose_dataset(run_dir: str | Path) -> str:
+    """The dataset to pull when none is named: this run's only FiftyOne dataset (``run_datasets``).
+    Several: ``ConfigError`` listing them; none: ``ExportError`` saying to review first."""
+    names = run_datasets(run_dir)
+    if len(names) == 1:
+        return names[0]
+    run_id = RunStore(run_dir).manifest()["run_id"]
+    if not names:
+        raise ExportError(f"no FiftyOne dataset holds run {run_id} of {run_dir}; export it first"
+                          f" (labelgen review {run_dir}), or name the dataset (--dataset NAME)")
+    raise ConfigError(f"run {run_id} is in {len(names)} FiftyOne datasets: {', '.join(map(repr, names))}; name the"
+                      f" one to pull: labelgen pull {run_dir} --dataset NAME")
+
+
+def pull_review(run_dir: str | Path, dataset_name: str | None = None, name: str = "reviewed") -> PullReport:
+    """Write ``RUN_DIR/reviewed/NAME/`` from the review in ``dataset_name`` (rules: module docstring;
+    ``None``: the run's only dataset, ``choose_dataset``).
 
     Built under a temporary name and renamed into place; export it with
     ``open_export_source(run_dir, reviewed=NAME)``.
@@ -117,8 +177,12 @@ def pull_review(run_dir: str | Path, dataset_name: str, name: str = "reviewed") 
     fo = import_fiftyone()
     store = RunStore(run_dir)
     run_id = store.manifest()["run_id"]
+    dataset_name = dataset_name or choose_dataset(run_dir)
     if not fo.dataset_exists(dataset_name):
-        raise ExportError(f"no FiftyOne dataset {dataset_name!r}; export the run first (labelgen review / export)")
+        known = run_datasets(run_dir)
+        hint = f"this run's datasets: {', '.join(map(repr, known))}" if known else \
+            f"no dataset holds this run yet: labelgen review {run_dir}"
+        raise ExportError(f"no FiftyOne dataset {dataset_name!r}; {hint}")
     dataset = fo.load_dataset(dataset_name)
     if dataset.info.get("labelgen_run_id") != run_id:
         raise ExportError(f"FiftyOne dataset {dataset_name!r} holds run {dataset.info.get('labelgen_run_id')},"
@@ -330,5 +394,5 @@ def _clip_mask(rle: dict, box_xyxy: list[float], width: int, height: int) -> dic
     return mask_to_rle(clipped)
 
 
-__all__ = ["APPROVED_TAG", "PullReport", "REJECTED_TAG", "REVIEWED_FORMAT", "ReviewSession", "launch_review",
-           "pull_review"]
+__all__ = ["APPROVED_TAG", "PullReport", "REJECTED_TAG", "REVIEWED_FORMAT", "ReviewSession", "choose_dataset",
+           "default_dataset_name", "launch_review", "pull_review", "quiet_fiftyone_console", "run_datasets"]

@@ -196,8 +196,9 @@ def ray_gpus(ray_env):
     os.environ.update(ray_env)
     import ray
 
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=100 * 2**20)
+    from labelgen.backends import start_local_ray
+
+    start_local_ray(ray, 2, num_gpus=2, log_to_driver=False, object_store_memory=100 * 2**20)  # loopback only
     yield ray
     ray.shutdown()
     for key, value in saved.items():

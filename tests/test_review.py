@@ -7,15 +7,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import REPO, make_recipe
-from labelgen.errors import ExportError
+from labelgen.errors import ConfigError, ExportError
 from labelgen.exports.fiftyone_export import FIELD, export_fiftyone
 from labelgen.exports.source import open_export_source
 from labelgen.filter_config import FilterConfig
@@ -29,6 +31,7 @@ from labelgen.testing import write_synthetic_run
 
 CLASSES = ["cat", "dog", "bird"]  # the fake generator's band i gets class i % 3
 CHROMIUM = Path("/usr/bin/chromium")
+DATASETS_RECORD = Path("fiftyone") / "datasets.json"  # in the run directory: where a run was reviewed
 
 
 
@@ -267,3 +270,139 @@ def test_app_renders_the_exported_samples_in_headless_chromium(exported, tmp_pat
         except subprocess.TimeoutExpired:
             os.killpg(app.pid, signal.SIGKILL)
             app.wait()
+
+
+# -- which dataset `pull` reads when it is given none -------------------------------------------------
+@pytest.fixture
+def other_dataset(fiftyone_db):
+    name = f"labelgen-test-{uuid.uuid4().hex[:10]}"
+    yield name
+    if fiftyone_db.dataset_exists(name):
+        fiftyone_db.delete_dataset(name)
+
+
+def _fake_run(tmp_path, image_dir):
+    root = tmp_path / "run"
+    run(make_recipe(class_names=CLASSES), FolderSource(image_dir), root)
+    return root
+
+
+def _cli(*argv):
+    from labelgen.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def test_pull_without_dataset_reads_the_dataset_the_run_was_reviewed_in(tmp_path, image_dir, dataset_name, capsys):
+    root = _fake_run(tmp_path, image_dir)
+    export_fiftyone(open_export_source(root), dataset_name)  # what `labelgen review RUN --dataset NAME` does
+    record = json.loads((root / DATASETS_RECORD).read_text())
+    assert record["datasets"] == [dataset_name] and record["run_id"] == RunStore(root).manifest()["run_id"]
+    assert _cli("pull", root) == 0  # no --dataset: not labelgen-RUN_ID, which does not exist
+    assert f"FiftyOne dataset {dataset_name!r}" in capsys.readouterr().err
+    assert json.loads((root / "reviewed" / "reviewed" / "summary.json").read_text())["dataset"] == dataset_name
+
+
+def test_pull_without_dataset_lists_the_runs_datasets_when_there_are_several(tmp_path, image_dir, dataset_name,
+                                                                           other_dataset, capsys):
+    root = _fake_run(tmp_path, image_dir)
+    for name in (dataset_name, other_dataset):
+        export_fiftyone(open_export_source(root), name)
+    with pytest.raises(ConfigError, match=rf"in 2 FiftyOne datasets: '{dataset_name}', '{other_dataset}'.*--dataset"):
+        pull_review(root)
+    assert _cli("pull", root) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("labelgen: error:") and dataset_name in err and other_dataset in err
+    assert not (root / "reviewed").exists()
+    assert pull_review(root, other_dataset).dataset == other_dataset  # naming one works
+
+
+def test_pull_finds_a_dataset_exported_before_datasets_were_recorded(tmp_path, image_dir, dataset_name,
+                                                                     other_dataset, fiftyone_db):
+    root = _fake_run(tmp_path, image_dir)
+    export_fiftyone(open_export_source(root), dataset_name)
+    (root / DATASETS_RECORD).unlink()
+    elsewhere = _fake_run(tmp_path / "b", image_dir)  # another run's dataset is not this run's
+    export_fiftyone(open_export_source(elsewhere), other_dataset)
+    assert pull_review(root).dataset == dataset_name
+
+
+def test_pull_of_a_missing_dataset_names_the_runs_datasets(tmp_path, image_dir, dataset_name):
+    root = _fake_run(tmp_path, image_dir)
+    with pytest.raises(ExportError, match=r"no FiftyOne dataset holds run .*labelgen review"):
+        pull_review(root)
+    export_fiftyone(open_export_source(root), dataset_name)
+    with pytest.raises(ExportError, match=rf"no FiftyOne dataset 'typo'; this run's datasets: '{dataset_name}'"):
+        pull_review(root, "typo")
+
+
+# -- `labelgen review`: what it prints, how long it serves, where it listens --------------------------
+def _open_and_close_a_tab(port, dataset):
+    """What a browser tab of the App does: subscribe to the server's events as an App, take the first
+    event, then go away (the server then tells the session that its last tab closed)."""
+    import http.client
+
+    body = json.dumps({"initializer": {"dataset": dataset}, "events": ["state_update"],
+                       "subscription": uuid.uuid4().hex})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/events", body=body, headers={"Content-Type": "application/json",
+                                                        "Accept": "text/event-stream"})
+    response = conn.getresponse()
+    assert response.status == 200, response.status
+    assert response.fp.readline()  # the first event line: the server counts this tab as an App
+    conn.sock.shutdown(socket.SHUT_RDWR)  # the tab is closed: the connection goes away at once
+    response.close()
+    conn.close()
+
+
+def _read_lines(stream, lines):
+    for line in stream:
+        lines.append(line.rstrip("\n"))
+
+
+@pytest.mark.slow
+def test_review_prints_once_url_last_serves_until_ctrl_c_on_loopback(exported, tmp_path):
+    from test_network_binding import listening_sockets, not_on_loopback, session_processes
+
+    root, dataset, _ = exported
+    port, lines = _free_port(), []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cli = subprocess.Popen([sys.executable, "-m", "labelgen.cli", "review", str(root), "--dataset", dataset.name,
+                            "--port", str(port)], cwd=REPO, env=env, start_new_session=True, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    reader = threading.Thread(target=_read_lines, args=(cli.stdout, lines), daemon=True)
+    reader.start()
+    url = f"http://127.0.0.1:{port}/datasets/{dataset.name}"
+    try:
+        deadline = time.monotonic() + 180
+        while not any(url in line for line in lines):
+            assert cli.poll() is None and time.monotonic() < deadline, "\n".join(lines)
+            time.sleep(0.2)
+        before_url = [line for line in lines[:next(i for i, line in enumerate(lines) if url in line)] if line.strip()]
+        assert len(before_url) == len(set(before_url)), "lines printed twice:\n" + "\n".join(lines)
+        _wait_for_http(f"http://127.0.0.1:{port}/", 60)
+        sockets = listening_sockets(session_processes(cli.pid))  # the App server (and mongod, if it started one)
+        assert any(s[3] == port for s in sockets), sockets
+        assert not not_on_loopback(sockets), f"reachable from the network: {not_on_loopback(sockets)}"
+
+        _open_and_close_a_tab(port, dataset.name)  # FiftyOne's own wait() returns ~3 s after this
+        deadline = time.monotonic() + 15
+        while cli.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert cli.poll() is None, "review stopped serving when the last tab closed:\n" + "\n".join(lines)
+        _wait_for_http(f"http://127.0.0.1:{port}/", 30)
+
+        os.killpg(cli.pid, signal.SIGINT)  # Ctrl-C in the terminal
+        assert cli.wait(timeout=60) == 0, "\n".join(lines)
+    finally:
+        if cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)
+            cli.wait()
+        reader.join(timeout=10)
+    text = [line for line in lines if line.strip()]
+    assert len(text) == len(set(text)), "lines printed twice:\n" + "\n".join(lines)
+    at = next(i for i, line in enumerate(text) if url in line)
+    assert text[at].strip() == url  # the URL on a line of its own ...
+    assert [line.split(".")[0] for line in text[at + 1:]] == ["labelgen: App stopped"]  # ... the last until Ctrl-C
+    assert any("until Ctrl-C" in line for line in text[:at])
+    assert any(f"labelgen pull {root} --dataset {dataset.name}" in line for line in text[:at])

@@ -50,7 +50,7 @@ import numpy as np
 from PIL import Image
 
 from .. import __version__
-from ..atomic import EXPORT_NOTE, read_jsonl_gz, write_bytes_atomic
+from ..atomic import EXPORT_NOTE, read_jsonl_gz, store_write_error, write_bytes_atomic, write_json_atomic
 from ..config import config_to_dict
 from ..errors import ExportError
 from ..filter_store import filter_row
@@ -129,6 +129,7 @@ def export_fiftyone(source: ExportSource, dataset_name: str, *, mask_dir: str | 
     removed = _remove_stale(fo, dataset, token)
     views = save_views(fo, dataset, source.class_names)
     _write_info(dataset, source, root)
+    record_dataset(source, dataset.name)
     return FiftyOneExportReport(
         dataset=dataset.name, images=counts["added"] + counts["updated"], samples_added=counts["added"],
         samples_updated=counts["updated"], samples_removed=removed, failed_images=builder.counts["failed"],
@@ -176,6 +177,35 @@ def _write_info(dataset: Any, source: ExportSource, mask_root: Path) -> None:
     }
     dataset.default_classes = list(source.class_names)
     dataset.save()
+
+
+DATASETS_RECORD = Path("fiftyone") / "datasets.json"  # in the run directory
+DATASETS_FORMAT = "labelgen-fiftyone-datasets/1"
+
+
+def record_dataset(source: ExportSource, name: str) -> None:
+    """Add ``name`` to ``RUN_DIR/fiftyone/datasets.json``, the FiftyOne datasets this run was exported
+    to (``{"format", "run_id", "datasets": [names, last export last]}``, written atomically): what
+    ``labelgen pull`` chooses from when it is given no dataset name."""
+    path, names = source.store.root / DATASETS_RECORD, [n for n in recorded_datasets(source.store.root) if n != name]
+    what, note = "record of the run's FiftyOne datasets", f"The FiftyOne dataset {name!r} is written."
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise store_write_error(exc, path.parent, what, note=note) from exc
+    write_json_atomic(path, {"format": DATASETS_FORMAT, "run_id": source.run_id, "datasets": names + [name]}, what,
+                      note=note)
+
+
+def recorded_datasets(run_dir: str | Path) -> list[str]:
+    """The dataset names in ``RUN_DIR/fiftyone/datasets.json``, oldest export first; ``[]`` when the
+    record is missing or unreadable (it is a hint: each dataset's own info says which run it holds)."""
+    try:
+        data = json.loads((Path(run_dir) / DATASETS_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    names = data.get("datasets") if isinstance(data, dict) and data.get("format") == DATASETS_FORMAT else None
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
 
 def save_views(fo: Any, dataset: Any, class_names: Sequence[str]) -> tuple[str, ...]:
@@ -469,4 +499,4 @@ def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 __all__ = ["DUPLICATE_REASONS", "FAILED_TAG", "FIELD", "SUPPRESSED_FIELD", "FiftyOneExportReport", "MaskWriter",
            "SourceRow", "box_pixels", "detection_label", "export_fiftyone", "import_fiftyone", "iter_source_rows",
-           "save_views"]
+           "recorded_datasets", "save_views"]
