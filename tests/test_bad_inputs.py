@@ -202,3 +202,15 @@ def test_an_unexpected_decode_error_fails_that_image_only(tmp_path, monkeypatch)
     rows = pipeline.label_images(FakeGenerator(FakeConfig()), records, ImagesConfig())
     assert [row["status"] for row in rows] == ["ok", "failed", "ok"]
     assert rows[1]["failure"]["reason"] == "unreadable" and "MemoryError: simulated" in rows[1]["failure"]["message"]
+
+
+def test_non_utf8_file_name_is_skipped_by_fiftyone_export_not_fatal(odd_name_run, dataset_name, caplog):
+    """BSON strings must be UTF-8: the one image FiftyOne cannot hold is named and counted; the rest export."""
+    from labelgen.exports.fiftyone_export import export_fiftyone
+    from labelgen.exports.source import open_export_source
+
+    root, done, ids = odd_name_run
+    assert done.returncode == 0, done.stderr
+    report = export_fiftyone(open_export_source(root / "run"), dataset_name)
+    assert report.skipped_unencodable == 1 and report.images == len(ids) - 1
+    assert ascii(BAD_ID) in caplog.text and "not UTF-8" in caplog.text

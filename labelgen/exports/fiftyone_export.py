@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import secrets
 from collections import Counter
@@ -50,14 +51,16 @@ import numpy as np
 from PIL import Image
 
 from .. import __version__
-from ..atomic import EXPORT_NOTE, read_jsonl_gz, store_write_error, write_bytes_atomic, write_json_atomic
+from ..atomic import EXPORT_NOTE, store_write_error, write_bytes_atomic, write_json_atomic
 from ..config import config_to_dict
 from ..errors import ExportError
-from ..filter_store import filter_row
+from ..filter_store import filter_row, read_copy_rows
 from ..instances import ImageRecord, Instances
 from ..masks import rles_to_masks
 from .paths import safe_join
 from .source import ExportItem, ExportSource
+
+log = logging.getLogger(__name__)
 
 FIELD = "labelgen"
 SUPPRESSED_FIELD = "labelgen_suppressed"
@@ -88,6 +91,7 @@ class FiftyOneExportReport:
     masks_on_disk: int
     mask_dir: str
     saved_views: tuple[str, ...]
+    skipped_unencodable: int = 0  # images whose file name is not UTF-8: MongoDB cannot store the path
 
 
 def import_fiftyone() -> Any:
@@ -123,7 +127,7 @@ def export_fiftyone(source: ExportSource, dataset_name: str, *, mask_dir: str | 
     token = secrets.token_hex(8)
     counts: Counter = Counter()
     for batch in _batched(iter_source_rows(source, originals=include_suppressed), BATCH_SIZE):
-        samples = [builder.fields(row, token) for row in batch]
+        samples = [builder.fields(row, token) for row in batch if _storable(row.item.image, counts)]
         _declare_label_fields(fo, dataset, builder.attribute_types)
         _upsert(fo, dataset, samples, counts)
     removed = _remove_stale(fo, dataset, token)
@@ -135,7 +139,21 @@ def export_fiftyone(source: ExportSource, dataset_name: str, *, mask_dir: str | 
         samples_updated=counts["updated"], samples_removed=removed, failed_images=builder.counts["failed"],
         labels=builder.counts["labels"], suppressed_labels=builder.counts["suppressed"],
         masks_in_database=builder.masks.in_database, masks_on_disk=builder.masks.on_disk,
-        mask_dir=str(root.resolve()), saved_views=views)
+        mask_dir=str(root.resolve()), saved_views=views, skipped_unencodable=counts["unencodable"])
+
+
+def _storable(image: Any, counts: Counter) -> bool:
+    """False (with one warning) for an image whose path is not valid UTF-8 (a non-UTF-8 file name read
+    with surrogateescape): BSON strings must be UTF-8, so FiftyOne cannot hold it. COCO/YOLO exports can."""
+    try:
+        image.uri.encode("utf-8")
+        image.image_id.encode("utf-8")
+    except UnicodeEncodeError:
+        counts["unencodable"] += 1
+        log.warning("FiftyOne export skips image %s: its file name is not UTF-8, which MongoDB cannot store;"
+                    " rename the file to review it (COCO and YOLO exports keep it)", ascii(image.image_id))
+        return False
+    return True
 
 
 # -- dataset ------------------------------------------------------------------------------------
@@ -407,7 +425,8 @@ def iter_source_rows(source: ExportSource, *, originals: bool = False) -> Iterat
         if source.copy_kind is None:
             pairs: Iterable[tuple[dict, dict | None]] = ((r, r) for r in committed)
         else:
-            copy_rows = read_jsonl_gz(_copy_shard_path(source, shard.index))
+            copy_path = _copy_shard_path(source, shard.index)
+            copy_rows = read_copy_rows(copy_path.parent, copy_path.name)
             run_rows = iter(committed) if originals else None
             pairs = ((r, next(run_rows, None) if run_rows is not None else None) for r in copy_rows)
         for row, run_row in pairs:
