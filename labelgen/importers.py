@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
-import yaml
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from pycocotools import mask as coco_mask
 
 from .atomic import TMP_MARK
-from .errors import ExportError, ImageDecodeError, ValidationError
+from .config import load_yaml
+from .errors import ConfigError, ExportError, ImageDecodeError, ValidationError
 from .instances import ImageRecord, Instances
 from .masks import mask_to_rle, rles_to_boxes_xyxy, validate_rle
 from .sources import FolderSource
@@ -130,9 +130,9 @@ def _yolo_layout(root: Path, split: str | None) -> tuple[Path, tuple[str, ...], 
 
 
 def _yolo_yaml_layout(yaml_path: Path, split: str | None) -> tuple[Path, tuple[str, ...]]:
-    try:
-        data = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
+    try:  # bounded and strict like recipes: a dataset file may come from anywhere
+        data = load_yaml(yaml_path.read_text(encoding="utf-8"), str(yaml_path), what="YOLO dataset file")
+    except (OSError, UnicodeDecodeError, ConfigError) as exc:
         raise ExportError(f"cannot read YOLO dataset file {yaml_path}: {exc}") from None
     if not isinstance(data, dict):
         raise ExportError(f"{yaml_path}: expected a mapping with path/train/val/names")

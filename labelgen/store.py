@@ -50,8 +50,8 @@ from .atomic import (
     write_json_atomic,
     write_jsonl_gz_atomic,
 )
-from .config import IDENTITY_SECTIONS, Recipe, canonical_json, config_diff
-from .errors import ConfigMismatchError, CorruptRunError, RunLockedError, RunStoreError
+from .config import IDENTITY_SECTIONS, Recipe, canonical_json, config_diff, load_yaml
+from .errors import ConfigError, ConfigMismatchError, CorruptRunError, RunLockedError, RunStoreError
 from .instances import ImageRecord
 from .versions import library_versions
 
@@ -230,9 +230,9 @@ class RunStore:
         if expected is not None and hashlib.sha256(data).hexdigest() != expected:
             raise CorruptRunError(f"{self.config_yaml} does not match the sha256 recorded in run.json: it was"
                                   f" altered or damaged. {_RESTORE}")
-        try:
-            config = yaml.safe_load(data.decode("utf-8"))
-        except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        try:  # the same bounded, strict loader as recipes: a run directory may come from anywhere
+            config = load_yaml(data.decode("utf-8"), str(self.config_yaml), what="run config")
+        except (UnicodeDecodeError, ConfigError) as exc:
             raise CorruptRunError(f"{self.config_yaml} is not readable YAML ({exc}). {_RESTORE}") from None
         if not isinstance(config, dict):
             raise CorruptRunError(f"{self.config_yaml} is not a YAML mapping. {_RESTORE}")

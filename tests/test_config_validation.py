@@ -4,7 +4,6 @@ import math
 import typing
 
 import pytest
-import yaml
 
 import labelgen.testing  # noqa: F401  registers the fake generator
 from conftest import REPO
@@ -14,7 +13,6 @@ from labelgen.config import (ExecutionConfig, ImagesConfig, Recipe, StoreConfig,
 from labelgen.errors import ConfigError
 from labelgen.filter_config import load_filter_config
 from labelgen.generators.sam_auto import SamAutoConfig
-from labelgen.labeling import LabelerConfig
 from labelgen.testing import FakeConfig
 from labelgen.zipmethod import config as zip_config
 
