@@ -19,7 +19,7 @@ from labelgen.instances import Instances
 from labelgen.report import build_report, report_stats
 from labelgen.runner import run
 from labelgen.sources import FolderSource
-from labelgen.store import RunStore
+from labelgen.store import RunStore, seal
 from labelgen.testing_images import make_corrupt_corpus
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -181,7 +181,7 @@ def test_random_weights_in_any_shard_provenance_gives_a_warning(fake_run):
     done_path = RunStore(fake_run).shard_done(1)
     done = json.loads(done_path.read_text())
     done["provenance"]["labeler"] = {"random_weights": True}
-    done_path.write_text(json.dumps(done))
+    done_path.write_text(json.dumps(seal(done)))  # as if committed so: a hand edit would not verify
     assert report_stats(fake_run)["status"]["random_weights"]
     assert "RANDOM WEIGHTS" in build_report(fake_run).read_text()
 
