@@ -147,7 +147,7 @@ DISCOVERY_CASES = [
         active("....",
                "....",
                "...."),
-        {"min_activated_fraction": -1.0},
+        {"min_activated_fraction": 0.0},
         [],
     ),
     (

@@ -364,7 +364,7 @@ def test_preprocess_square():
 
 
 def _config(**overrides):
-    return SemanticConfig(**{"model": TINY, "pretrained": "", "vocabulary": ("person", "dog", "cat"), **overrides})
+    return SemanticConfig(**{"model": TINY, "pretrained": "openai", "vocabulary": ("person", "dog", "cat"), **overrides})
 
 
 def test_semantic_stage_end_to_end(tiny, sample_image):
