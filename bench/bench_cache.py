@@ -59,9 +59,9 @@ def main() -> None:
                         help="extra recipe override, e.g. generator.discovery.min_cells=10")
     args = parser.parse_args()
 
-    from labelgen.decode import read_image_rgb
-    from labelgen.feature_cache import FeatureCache
-    from labelgen.instances import ImageRecord
+    from labelgen.engine.decode import read_image_rgb
+    from labelgen.models.feature_cache import FeatureCache
+    from labelgen.structures.instances import ImageRecord
 
     overrides = [f"generator.precision={args.precision}", "generator.semantic.class_threshold=0.0", *args.overrides]
     sync = _sync(args.device)

@@ -33,7 +33,7 @@ elif fmt == "yolo-segment":
     from labelgen.exports.yolo import export_yolo
     export_yolo(source, out, task="segment", images="none")
 else:
-    from labelgen.exports.fiftyone_export import export_fiftyone
+    from labelgen.exports.fiftyone import export_fiftyone
     export_fiftyone(source, "bench-" + str(abs(hash(root))), persistent=False)
 seconds = time.perf_counter() - t0
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]

@@ -38,9 +38,9 @@ def build_run(root: Path, images: int, per_image: int, width: int, height: int, 
 
 CHILD = r"""
 import json, resource, sys, time
-from labelgen.filter_store import save_filtered, sweep
-from labelgen.filtering import FilterConfig
-from labelgen.store import RunStore
+from labelgen.postprocess.filter_store import save_filtered, sweep
+from labelgen.postprocess.filtering import FilterConfig
+from labelgen.store.run_store import RunStore
 
 root, operation, options, values, classes = sys.argv[1], sys.argv[2], *map(json.loads, sys.argv[3:6])
 store, config = RunStore(root), FilterConfig(**options)

@@ -7,7 +7,7 @@ Real architectures with RANDOM weights (no weight files needed) on real COCO ima
   on ``--images`` images with 1 and then 2 workers, one image per shard. Reported: wall time of the
   whole run (worker start and model loading included), the time to the first labelled image, and
   the steady-state rate (images after the first one / time since the first one).
-* ``batching``: one in-process generator, ``labelgen.pipeline.label_images`` over the same images at
+* ``batching``: one in-process generator, ``labelgen.engine.pipeline.label_images`` over the same images at
   each ``--batch-sizes`` value, with the decode/finish overlap on, then batch size 1 with the
   overlap off. Rows are checked to be identical to batch size 1's. ``cpu_side``: the decode and
   finish (RLE, boxes, NMS) seconds per image that the overlap takes off the model thread.
@@ -36,8 +36,8 @@ RANDOM = ["generator.random_weights=true", "generator.allow_download=false"]
 
 def bench_workers(recipe_path: Path, overrides: list[str], paths: list[Path], workers: int, device: str) -> dict:
     from labelgen.config import load_recipe
-    from labelgen.runner import RunProgress, run
-    from labelgen.sources import ListFileSource
+    from labelgen.engine.runner import RunProgress, run
+    from labelgen.engine.sources import ListFileSource
 
     recipe = load_recipe(recipe_path, [*RANDOM, *overrides, f"execution.workers={workers}",
                                        f"execution.device={device}", "store.shard_size=1"])
@@ -60,9 +60,9 @@ def bench_workers(recipe_path: Path, overrides: list[str], paths: list[Path], wo
 def bench_batching(recipe_path: Path, overrides: list[str], paths: list[Path], sizes: list[int], device: str) -> dict:
     from labelgen.config import load_recipe
     from labelgen.generators import GENERATORS
-    from labelgen.instances import ImageRecord
-    from labelgen.pipeline import label_images
-    from labelgen.worker import _limit_torch_threads
+    from labelgen.structures.instances import ImageRecord
+    from labelgen.engine.pipeline import label_images
+    from labelgen.engine.worker import _limit_torch_threads
 
     recipe = load_recipe(recipe_path, [*RANDOM, *overrides, f"execution.device={device}"])
     generator = GENERATORS.get(recipe.generator.name).from_config(recipe.generator.params, device=device)
@@ -91,7 +91,7 @@ def bench_batching(recipe_path: Path, overrides: list[str], paths: list[Path], s
 def cpu_side(generator, records: list, images_config) -> dict:
     """Seconds per image of the work the pipeline takes off the model thread: decoding, and the
     finishers (RLE encoding, boxes, NMS), each timed alone."""
-    from labelgen.decode import read_image_rgb
+    from labelgen.engine.decode import read_image_rgb
 
     decode_s = finish_s = 0.0
     for record in records:

@@ -1,7 +1,7 @@
 """Run-store overhead benchmark with the fake generator (no model).
 
 For each dataset size it prints:
-  * end-to-end images/s of `labelgen.runner.run` (decode + fake generator + store);
+  * end-to-end images/s of `labelgen.engine.runner.run` (decode + fake generator + store);
   * images/s of the same decode + generate loop without the store, and the difference
     per image = the store's overhead (plan, JSON, RLE, gzip, fsync, atomic renames);
   * peak RSS of the first run (measured in a fresh child process per size), which includes the
@@ -24,10 +24,10 @@ CHILD = r"""
 import json, resource, sys, time
 import labelgen.testing  # registers the fake generator
 from labelgen.config import recipe_from_dict
-from labelgen.runner import run
-from labelgen.sources import FolderSource
-from labelgen.decode import read_image_rgb
-from labelgen.worker import get_generator
+from labelgen.engine.runner import run
+from labelgen.engine.sources import FolderSource
+from labelgen.engine.decode import read_image_rgb
+from labelgen.engine.worker import get_generator
 
 images, out, mode, shard_size, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 recipe = recipe_from_dict({"generator": {"name": "fake", "instances_per_image": 3},
@@ -55,7 +55,7 @@ def measure(images: Path, out: Path, mode: str, shard_size: int, workers: int) -
 
 
 def main() -> None:
-    from labelgen.testing_images import make_image_folder
+    from labelgen.testing.images import make_image_folder
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])

@@ -30,11 +30,11 @@ def timed(cmd: list[str], ok: tuple[int, ...] = (0,)) -> float:
     return time.perf_counter() - start
 
 
-READ_ALL = "import sys; from labelgen.store import RunStore; print(sum(1 for _ in RunStore(sys.argv[1]).iter_rows()))"
+READ_ALL = "import sys; from labelgen.store.run_store import RunStore; print(sum(1 for _ in RunStore(sys.argv[1]).iter_rows()))"
 
 
 def measure(images: int, work: Path) -> dict:
-    from labelgen.testing_images import make_image_folder
+    from labelgen.testing.images import make_image_folder
 
     folder = work / f"images-{images}"
     make_image_folder(folder, images, size=(64, 48))

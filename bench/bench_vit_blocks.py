@@ -36,7 +36,7 @@ def main() -> None:
     import open_clip
     import torch
 
-    from labelgen.zipmethod.semantic import surgery_forward
+    from labelgen.generators.zip.semantic import surgery_forward
 
     torch.manual_seed(0)
     model = open_clip.create_model(args.model, pretrained=None).eval()

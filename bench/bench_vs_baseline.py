@@ -25,9 +25,9 @@ COCO = REPO.parent / "shared" / "assets" / "data" / "coco128-seg" / "images" / "
 CHILD = r"""
 import json, resource, sys, time
 from labelgen.config import load_recipe
-from labelgen.decode import read_image_rgb
+from labelgen.engine.decode import read_image_rgb
 from labelgen.generators import GENERATORS
-from labelgen.instances import ImageRecord
+from labelgen.structures.instances import ImageRecord
 
 which, precision, device, images = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 common = ["generator.random_weights=true", "generator.allow_download=false", f"generator.precision={precision}"]

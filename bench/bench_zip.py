@@ -25,7 +25,7 @@ CHILD = r"""
 import json, resource, sys, time
 import numpy as np
 from labelgen.config import load_recipe
-from labelgen.decode import read_image_rgb
+from labelgen.engine.decode import read_image_rgb
 from labelgen.generators import GENERATORS
 
 recipe_path, precision, device, images = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]

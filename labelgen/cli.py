@@ -214,8 +214,8 @@ def _resolve_recipe(name: str) -> Path:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_recipe
     from .generators import load_plugins
-    from .runner import run
-    from .sources import open_source
+    from .engine.runner import run
+    from .engine.sources import open_source
 
     load_plugins(args.plugin)
     overrides = list(args.overrides)
@@ -257,7 +257,7 @@ def _backend_overrides(backend: str | None, ray_address: str | None) -> list[str
 
 
 def _print_run_result(result) -> None:
-    from .status import format_status, run_status
+    from .store.status import format_status, run_status
 
     if result.images_added:
         print(f"planned {result.images_added} new images", file=sys.stderr)
@@ -272,7 +272,7 @@ def _print_run_result(result) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .status import format_status, run_status
+    from .store.status import format_status, run_status
 
     status = run_status(args.run_dir, verify=args.verify)
     print(json.dumps(status, indent=1) if args.json else format_status(status))
@@ -280,9 +280,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_filter(args: argparse.Namespace) -> int:
-    from .filter_config import load_filter_config
-    from .filter_store import FilterSummary, filter_run, save_filtered, sweep, warn_if_incomplete
-    from .store import RunStore
+    from .postprocess.filter_config import load_filter_config
+    from .postprocess.filter_store import FilterSummary, filter_run, save_filtered, sweep, warn_if_incomplete
+    from .store.run_store import RunStore
 
     overrides = list(args.overrides)
     overrides += [f"{key}={getattr(args, key)}" for _, key, _ in _FILTER_FLAGS if getattr(args, key) is not None]
@@ -342,7 +342,7 @@ def _sweep_values(text: str) -> list[float]:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .errors import ConfigError
     from .exports.source import open_export_source
-    from .filter_config import load_filter_config
+    from .postprocess.filter_config import load_filter_config
 
     filter_config = None
     if args.filter_config or args.overrides:
@@ -350,7 +350,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     source = open_export_source(args.run_dir, filter_config=filter_config, filtered=args.filtered,
                                 reviewed=args.reviewed)
     if args.format == "fiftyone":
-        from .exports.fiftyone_export import export_fiftyone
+        from .exports.fiftyone import export_fiftyone
         from .exports.source import log_incomplete
 
         log_incomplete(source, "FiftyOne export")  # coco and yolo warn (and record it) themselves
@@ -380,7 +380,7 @@ def _report_text(report) -> str:
 
 
 def _cmd_review(args: argparse.Namespace) -> int:
-    from .review import default_dataset_name, launch_review, quiet_fiftyone_console
+    from .review.review import default_dataset_name, launch_review, quiet_fiftyone_console
 
     quiet_fiftyone_console()  # FiftyOne's messages once, through our logging; its banner is replaced by ours
     name = args.dataset or default_dataset_name(args.run_dir)
@@ -402,7 +402,7 @@ def _cmd_review(args: argparse.Namespace) -> int:
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
-    from .review import pull_review, quiet_fiftyone_console
+    from .review.review import pull_review, quiet_fiftyone_console
 
     quiet_fiftyone_console()
     report = pull_review(args.run_dir, args.dataset, name=args.name)
@@ -413,7 +413,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from .importers import import_coco, import_yolo, write_imported_run
+    from .exports.importers import import_coco, import_yolo, write_imported_run
 
     if args.format == "coco":
         dataset = import_coco(args.source, images_root=args.images_root)
@@ -424,7 +424,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import build_report
+    from .review.report import build_report
 
     print(build_report(args.run_dir, args.out, sample_images=args.sample, seed=args.seed))
     return 0
@@ -433,10 +433,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .atomic import write_json_atomic
     from .errors import ConfigError
-    from .evaluation import evaluate, evaluate_before_after, load_ground_truth, plot_pr_curves
+    from .review.evaluation import evaluate, evaluate_before_after, load_ground_truth, plot_pr_curves
     from .exports.paths import safe_join
     from .exports.source import open_export_source
-    from .filter_config import load_filter_config
+    from .postprocess.filter_config import load_filter_config
 
     gt = load_ground_truth(args.gt, split=args.gt_split)
     if args.filter_config or args.overrides:
@@ -480,7 +480,7 @@ class _ProgressBar:
         self.bar = None
 
     def callbacks(self):
-        from .runner import RunProgress
+        from .engine.runner import RunProgress
 
         return RunProgress(on_start=self._start, on_images=self._update)
 

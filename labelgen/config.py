@@ -33,9 +33,9 @@ import yaml
 
 from .checks import FieldValueError, bounded, check_fields, one_of
 from .errors import ConfigError
-from .labeling import LabelerConfig
-from .labeling import class_names as labeler_class_names
-from .scoring import ScoringConfig
+from .labelers.config import LabelerConfig
+from .labelers.config import class_names as labeler_class_names
+from .structures.scoring import ScoringConfig
 
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -387,7 +387,7 @@ def _plain_key(key: Any, where: str) -> str:
 
 def recipe_from_dict(data: Mapping[str, Any], source: str = "recipe") -> Recipe:
     """Validate a raw mapping into a ``Recipe``; errors name the dotted key."""
-    from .generators import GENERATORS  # late: generators register on import
+    from .generators import GENERATORS
 
     data = dict(data)
     raw_gen = data.pop("generator", None)

@@ -6,7 +6,7 @@ import pytest
 import labelgen.testing  # noqa: F401  registers the fake generator
 from labelgen.config import apply_overrides, recipe_from_dict
 from labelgen.testing import fake_recipe_dict
-from labelgen.testing_images import make_image_folder
+from labelgen.testing.images import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 COCO128 = Path(os.environ.get("LABELGEN_COCO128", REPO.parent / "shared" / "assets" / "data" / "coco128-seg"))

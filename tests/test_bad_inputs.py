@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from labelgen.status import run_status
-from labelgen.store import RunStore
-from labelgen.testing_images import make_image_folder
+from labelgen.store.status import run_status
+from labelgen.store.run_store import RunStore
+from labelgen.testing.images import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes/fake-smoke.yaml")
@@ -184,9 +184,9 @@ def test_empty_image_folder_is_a_clear_error_and_no_run(tmp_path):
 
 def test_an_unexpected_decode_error_fails_that_image_only(tmp_path, monkeypatch):
     """Whatever escapes the decoder (a MemoryError, a bug) is a failed row, not a lost shard."""
-    from labelgen import pipeline
+    from labelgen.engine import pipeline
     from labelgen.config import ImagesConfig
-    from labelgen.instances import ImageRecord
+    from labelgen.structures.instances import ImageRecord
     from labelgen.testing import FakeConfig, FakeGenerator
 
     names = make_image_folder(tmp_path, 3, size=(24, 16))
@@ -206,7 +206,7 @@ def test_an_unexpected_decode_error_fails_that_image_only(tmp_path, monkeypatch)
 
 def test_non_utf8_file_name_is_skipped_by_fiftyone_export_not_fatal(odd_name_run, dataset_name, caplog):
     """BSON strings must be UTF-8: the one image FiftyOne cannot hold is named and counted; the rest export."""
-    from labelgen.exports.fiftyone_export import export_fiftyone
+    from labelgen.exports.fiftyone import export_fiftyone
     from labelgen.exports.source import open_export_source
 
     root, done, ids = odd_name_run

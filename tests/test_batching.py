@@ -12,15 +12,15 @@ import pytest
 
 from conftest import REPO
 from labelgen.config import load_recipe
-from labelgen.decode import read_image_rgb
+from labelgen.engine.decode import read_image_rgb
 from labelgen.errors import ValidationError
 from labelgen.generators import GENERATORS
-from labelgen.instances import ImageRecord
-from labelgen.pipeline import label_images
-from labelgen.runner import run
-from labelgen.sources import ListFileSource
-from labelgen.store import RunStore
-from labelgen.zipmethod.boundary import resize_for_boundary
+from labelgen.structures.instances import ImageRecord
+from labelgen.engine.pipeline import label_images
+from labelgen.engine.runner import run
+from labelgen.engine.sources import ListFileSource
+from labelgen.store.run_store import RunStore
+from labelgen.generators.zip.boundary import resize_for_boundary
 
 TINY = REPO / "recipes" / "zip-tiny-random.yaml"
 # mixed sizes: 640x480, 640x426, 481x640 (portrait) ... so the boundary stage groups by shape
@@ -149,7 +149,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_outputs(fresh, batch, one_
     calls = []
     _oom_above(getattr(fresh, stage), method, 2, monkeypatch, calls)
     fresh.batch_size = 8
-    with caplog.at_level(logging.WARNING, logger="labelgen.oom"):
+    with caplog.at_level(logging.WARNING, logger="labelgen.engine.oom"):
         got = _finish_all(fresh.generate_batch(*batch))
     for g, e in zip(got, one_by_one):
         assert_same_instances(g, e)
@@ -206,8 +206,8 @@ def test_pipeline_rows_equal_one_image_at_a_time(fresh, broken_list, one_by_one,
 
 
 def test_pipeline_decodes_and_finishes_on_background_threads(fresh, broken_list, monkeypatch):
-    import labelgen.generators.zip as zip_module
-    import labelgen.pipeline as pipeline
+    import labelgen.generators.zip.generator as zip_module
+    import labelgen.engine.pipeline as pipeline
 
     threads = {"decode": set(), "finish": set(), "model": set()}
     real_read, real_rles = pipeline.read_image_rgb, zip_module.masks_to_rles
@@ -286,7 +286,7 @@ def test_fp16_autocast_runs_and_is_recorded(coco128_images, batch):
 
 
 def test_batches_with_a_partly_warm_feature_cache_equal_plain_ones(fresh, batch, one_by_one, tmp_path):
-    from labelgen.feature_cache import FeatureCache
+    from labelgen.models.feature_cache import FeatureCache
 
     images, records = batch
     fresh.feature_cache = FeatureCache(tmp_path / "cache", 1 << 30)
@@ -335,7 +335,7 @@ def test_sam_decoder_out_of_memory_splits_the_boxes(fresh, batch, monkeypatch, c
 
     monkeypatch.setattr(refiner.predictor, "predict_torch", predict_torch)
     try:
-        with caplog.at_level(logging.WARNING, logger="labelgen.oom"):
+        with caplog.at_level(logging.WARNING, logger="labelgen.engine.oom"):
             split = refiner.decode_boxes(boxes)
         assert calls[:2] == [5, 2] and max(calls[1:]) <= 2 and sum(calls[1:]) == 5
         assert "out of memory on a batch of 5" in caplog.text

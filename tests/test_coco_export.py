@@ -14,11 +14,11 @@ from labelgen.errors import ExportError
 from labelgen.cli import main as cli_main
 from labelgen.exports.coco import WORST_KEPT, export_coco, mask_to_polygons, polygons_iou
 from labelgen.exports.source import open_export_source
-from labelgen.importers import ImportedDataset, ImportedItem, import_yolo, write_imported_run
-from labelgen.instances import ImageRecord, Instances
-from labelgen.masks import mask_to_rle
-from labelgen.runner import run
-from labelgen.sources import FolderSource
+from labelgen.exports.importers import ImportedDataset, ImportedItem, import_yolo, write_imported_run
+from labelgen.structures.instances import ImageRecord, Instances
+from labelgen.structures.masks import mask_to_rle
+from labelgen.engine.runner import run
+from labelgen.engine.sources import FolderSource
 
 from conftest import COCO128, make_recipe
 

@@ -134,7 +134,7 @@ CPUINFO_WITHOUT = "processor\t: 0\nflags\t\t: fpu vme sse sse2 avx avx2 avx512f 
 
 @pytest.fixture
 def loading(monkeypatch):
-    loading = pytest.importorskip("labelgen.zipmethod.loading")
+    loading = pytest.importorskip("labelgen.models.loading")
     monkeypatch.setattr(loading, "_LOGGED_CHOICES", set())
     return loading
 
@@ -147,7 +147,7 @@ def test_precision_auto_on_cpu_follows_the_cpu_flags(loading, caplog, text, flag
     import logging
 
     assert loading.native_bf16_cpu_flag(text) == flag
-    with caplog.at_level(logging.INFO, logger="labelgen.zipmethod.loading"):
+    with caplog.at_level(logging.INFO, logger="labelgen.models.loading"):
         assert loading.resolve_precision("auto", "cpu", cpuinfo_text=text) == expected
         assert loading.resolve_precision("auto", "cpu", cpuinfo_text=text) == expected
     lines = [r.getMessage() for r in caplog.records if "precision auto" in r.getMessage()]
@@ -180,8 +180,8 @@ def test_precision_auto_on_cuda_asks_for_native_bf16(loading, monkeypatch, nativ
 
 def test_precision_auto_keeps_the_fingerprint_and_records_the_choice(loading, monkeypatch, tmp_path, image_dir):
     """The recipe says `auto` (one fingerprint on every machine); each shard records what ran."""
-    from labelgen.runner import run
-    from labelgen.sources import FolderSource
+    from labelgen.engine.runner import run
+    from labelgen.engine.sources import FolderSource
     overrides = ["generator.precision=auto", "store.shard_size=10"]
     recipe = load_recipe(RECIPES / "zip-tiny-random.yaml", overrides)
     assert recipe.generator.params.precision == "auto" and recipe.identity()["generator"]["precision"] == "auto"
@@ -235,9 +235,9 @@ def test_paper_recipe_lists_every_field_at_its_default_with_a_comment():
     """README says zip-paper.yaml shows every field: each field of the Recipe dataclasses is in it
     (labeler and scoring as commented-out sections), at its default, with a comment."""
     from labelgen.config import ExecutionConfig, ImagesConfig, StoreConfig
-    from labelgen.labeling import LabelerConfig
-    from labelgen.scoring import ScoringConfig
-    from labelgen.zipmethod.config import ZipConfig
+    from labelgen.labelers.config import LabelerConfig
+    from labelgen.structures.scoring import ScoringConfig
+    from labelgen.generators.zip.config import ZipConfig
 
     text, data = _paper_recipe_with_optional_sections()
     expected = ["description", "generator.name", *(f"generator.{p}" for p in _field_paths(ZipConfig))]

@@ -11,10 +11,10 @@ from labelgen.cli import main
 from labelgen.config import (ExecutionConfig, ImagesConfig, Recipe, StoreConfig, apply_overrides, load_recipe,
                              recipe_from_dict)
 from labelgen.errors import ConfigError
-from labelgen.filter_config import load_filter_config
+from labelgen.postprocess.filter_config import load_filter_config
 from labelgen.generators.sam_auto import SamAutoConfig
 from labelgen.testing import FakeConfig
-from labelgen.zipmethod import config as zip_config
+from labelgen.generators.zip import config as zip_config
 
 FAKE = {"generator": {"name": "fake"}}
 
@@ -260,8 +260,8 @@ def test_every_number_of_a_recipe_has_a_checked_range(cls, name, kind):
 
 
 def test_sam_model_types_match_the_models_that_can_be_built():
-    from labelgen.weights import SAM_CHECKPOINTS
-    from labelgen.zipmethod.refine import SAM_MODEL_TYPES
+    from labelgen.models.weights import SAM_CHECKPOINTS
+    from labelgen.generators.zip.refine import SAM_MODEL_TYPES
 
     assert set(zip_config.SAM_MODEL_TYPES) == set(SAM_MODEL_TYPES) == {"tiny", *SAM_CHECKPOINTS}
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from labelgen import decode
-from labelgen.decode import read_image_rgb
+from labelgen.engine import decode
+from labelgen.engine.decode import read_image_rgb
 from labelgen.errors import ImageDecodeError, ValidationError
-from labelgen.sources import FolderSource
-from labelgen.testing_images import (
+from labelgen.engine.sources import FolderSource
+from labelgen.testing.images import (
     BAD_IMAGE_REASONS,
     GOOD_IMAGE_SIZES,
     bomb_png_bytes,
@@ -73,7 +73,7 @@ def test_bad_corpus_files_fail_with_expected_reason(corpus, name):
 
 def test_truncated_images_are_not_loaded_silently():
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
-    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # importing labelgen.decode changes nothing global
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # importing labelgen.engine.decode changes nothing global
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""``labelgen.evaluation`` and ``labelgen eval``: COCO AP/AR against ground truth.
+"""``labelgen.review.evaluation`` and ``labelgen eval``: COCO AP/AR against ground truth.
 
 Exact figures come from small hand-built COCO JSONs (RLE squares on 64x64 images, so every IoU is
 known); coco128-seg ground truth evaluated against itself must give AP 1.0.
@@ -12,11 +12,11 @@ from pycocotools import mask as coco_mask
 
 from labelgen.cli import main as cli_main
 from labelgen.errors import ConfigError, ExportError
-from labelgen.evaluation import evaluate, evaluate_before_after, load_ground_truth, plot_pr_curves
+from labelgen.review.evaluation import evaluate, evaluate_before_after, load_ground_truth, plot_pr_curves
 from labelgen.exports.coco import export_coco
 from labelgen.exports.source import open_export_source
-from labelgen.filter_config import FilterConfig
-from labelgen.importers import ImportedItem, import_coco, import_yolo, write_imported_run
+from labelgen.postprocess.filter_config import FilterConfig
+from labelgen.exports.importers import ImportedItem, import_coco, import_yolo, write_imported_run
 
 from conftest import COCO128
 
@@ -300,9 +300,9 @@ def test_partial_run_is_evaluated_on_the_images_it_labelled(tmp_path):
 
 def test_interrupted_fake_run_against_its_complete_twin(tmp_path, image_dir):
     """A real run with a pending shard: its 8 committed images score 1.0 against the complete run."""
-    from labelgen.runner import run as run_labels
-    from labelgen.sources import FolderSource
-    from labelgen.store import RunStore
+    from labelgen.engine.runner import run as run_labels
+    from labelgen.engine.sources import FolderSource
+    from labelgen.store.run_store import RunStore
 
     from conftest import make_recipe
 

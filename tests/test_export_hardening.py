@@ -27,13 +27,13 @@ from conftest import REPO, make_recipe
 from labelgen.atomic import remove_stale_temps, write_json_atomic
 from labelgen.cli import main
 from labelgen.exports.coco import export_coco
-from labelgen.exports.fiftyone_export import MaskWriter
+from labelgen.exports.fiftyone import MaskWriter
 from labelgen.exports.source import open_export_source
 from labelgen.exports.yolo import export_yolo
-from labelgen.instances import Instances
-from labelgen.runner import run
-from labelgen.sources import FolderSource
-from labelgen.store import RunStore
+from labelgen.structures.instances import Instances
+from labelgen.engine.runner import run
+from labelgen.engine.sources import FolderSource
+from labelgen.store.run_store import RunStore
 
 PRECIOUS = "precious data outside the export folder\n"
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from labelgen.errors import GeneratorError, ValidationError
-from labelgen.feature_cache import MAGIC, TMP_MARK, FeatureCache, cache_key
+from labelgen.models.feature_cache import MAGIC, TMP_MARK, FeatureCache, cache_key
 
 KEY = {"image_sha256": "ab" * 32, "model": "m", "precision": "fp32", "input_size": 224}
 
@@ -263,7 +263,7 @@ def test_an_array_larger_than_the_cache_is_not_stored(tmp_path, caplog):
 def test_a_failed_write_is_a_warning_not_an_error(tmp_path, monkeypatch, caplog):
     import errno
 
-    import labelgen.feature_cache as fc
+    import labelgen.models.feature_cache as fc
 
     def disk_full(path, blob):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -307,8 +307,8 @@ def _zip(*overrides):
 
 
 def _load(coco128_images, name=TINY_IMAGE):
-    from labelgen.decode import read_image_rgb
-    from labelgen.instances import ImageRecord
+    from labelgen.engine.decode import read_image_rgb
+    from labelgen.structures.instances import ImageRecord
 
     image, info = read_image_rgb(str(coco128_images / name))
     return image, ImageRecord(name, str(coco128_images / name), info["width"], info["height"])
@@ -347,7 +347,7 @@ def test_another_vocabulary_reuses_the_encoders(tmp_path, coco128_images):
 
 def test_cache_keys_follow_encoder_settings_only():
     from labelgen.config import load_recipe
-    from labelgen.generators.zip import ZipGenerator
+    from labelgen.generators.zip.generator import ZipGenerator
 
     from conftest import REPO
 
@@ -381,7 +381,7 @@ def test_cache_keys_follow_encoder_settings_only():
 
 
 def test_weights_identity(tmp_path):
-    from labelgen.generators.zip import weights_identity
+    from labelgen.generators.zip.generator import weights_identity
 
     assert weights_identity({"weights": "RANDOM"}, "sam") == {"random_seed": 0}
     assert weights_identity({"weights": "/x/sam.pth", "sha256": "f" * 64}, "sam") == {"sha256": "f" * 64}
@@ -397,7 +397,7 @@ def test_weights_identity(tmp_path):
 
 def test_sam_embedding_survives_bfloat16():
     torch = pytest.importorskip("torch")
-    from labelgen.zipmethod.refine import host_to_tensor, tensor_to_host
+    from labelgen.generators.zip.refine import host_to_tensor, tensor_to_host
 
     for tensor in (torch.randn(1, 4, 2, 2).bfloat16(), torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2).half()):
         array = tensor_to_host(tensor)
@@ -409,7 +409,7 @@ def test_run_with_cache_dir_reuses_encoder_outputs_and_gives_identical_rows(tmp_
     """`execution.cache_dir` through `labelgen run`: a second run (another vocabulary) hits the cache."""
     from conftest import COCO128, REPO
     from labelgen.cli import main
-    from labelgen.store import RunStore
+    from labelgen.store.run_store import RunStore
 
     images = COCO128 / "images" / "train2017"
     if not images.is_dir():

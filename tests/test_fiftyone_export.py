@@ -10,15 +10,15 @@ import pytest
 from conftest import make_recipe
 from labelgen.atomic import read_jsonl_gz
 from labelgen.errors import ExportError
-from labelgen.exports.fiftyone_export import FAILED_TAG, FIELD, SUPPRESSED_FIELD, box_pixels, export_fiftyone
+from labelgen.exports.fiftyone import FAILED_TAG, FIELD, SUPPRESSED_FIELD, box_pixels, export_fiftyone
 from labelgen.exports.source import open_export_source
-from labelgen.filter_config import FilterConfig
-from labelgen.filter_store import save_filtered
-from labelgen.instances import Instances
-from labelgen.masks import rles_to_masks
-from labelgen.runner import run
-from labelgen.sources import FolderSource
-from labelgen.store import RunStore
+from labelgen.postprocess.filter_config import FilterConfig
+from labelgen.postprocess.filter_store import save_filtered
+from labelgen.structures.instances import Instances
+from labelgen.structures.masks import rles_to_masks
+from labelgen.engine.runner import run
+from labelgen.engine.sources import FolderSource
+from labelgen.store.run_store import RunStore
 from labelgen.testing import write_synthetic_run
 
 CLASSES = ["cat", "dog", "bird"]

@@ -12,14 +12,14 @@ import pytest
 from conftest import REPO, make_recipe
 from labelgen.atomic import read_jsonl_gz
 from labelgen.errors import ConfigError, ValidationError
-from labelgen.filter_store import FilterSummary, filter_run, save_filtered, sweep
-from labelgen.filtering import REASONS, FilterConfig, count_kept, filter_instances, load_filter_config
-from labelgen.instances import ImageRecord, Instances
-from labelgen.masks import rle_areas
-from labelgen.runner import run
-from labelgen.scoring import ScoringConfig
-from labelgen.sources import FolderSource
-from labelgen.store import RunStore
+from labelgen.postprocess.filter_store import FilterSummary, filter_run, save_filtered, sweep
+from labelgen.postprocess.filtering import REASONS, FilterConfig, count_kept, filter_instances, load_filter_config
+from labelgen.structures.instances import ImageRecord, Instances
+from labelgen.structures.masks import rle_areas
+from labelgen.engine.runner import run
+from labelgen.structures.scoring import ScoringConfig
+from labelgen.engine.sources import FolderSource
+from labelgen.store.run_store import RunStore
 
 H, W = 20, 30  # frame of the hand-built cases: 600 px
 
@@ -408,9 +408,9 @@ def test_filter_code_path_imports_no_model_library(fake_run):
     code = textwrap.dedent(f"""
         import sys
         sys.modules['torch'] = None; sys.modules['open_clip'] = None; sys.modules['segment_anything'] = None
-        from labelgen.filter_store import filter_run, save_filtered, sweep
-        from labelgen.filtering import load_filter_config
-        from labelgen.store import RunStore
+        from labelgen.postprocess.filter_store import filter_run, save_filtered, sweep
+        from labelgen.postprocess.filtering import load_filter_config
+        from labelgen.store.run_store import RunStore
         store = RunStore({str(fake_run.root)!r})
         config = load_filter_config(None, ["min_confidence=0.2", "nms_ios=0.5", "fill_holes=true"])
         results = [result for _, result in filter_run(store, config)]

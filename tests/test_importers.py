@@ -6,13 +6,13 @@ import pytest
 from PIL import ExifTags, Image, ImageDraw
 
 from labelgen.cli import main as cli_main
-from labelgen.decode import read_image_rgb
+from labelgen.engine.decode import read_image_rgb
 from labelgen.errors import ExportError
 from labelgen.exports.coco import export_coco
 from labelgen.exports.source import open_export_source
-from labelgen.importers import import_coco, import_yolo, write_imported_run
-from labelgen.status import run_status
-from labelgen.store import RunStore
+from labelgen.exports.importers import import_coco, import_yolo, write_imported_run
+from labelgen.store.status import run_status
+from labelgen.store.run_store import RunStore
 
 from conftest import COCO128
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from labelgen.errors import ValidationError
-from labelgen.instances import ImageRecord, Instances
-from labelgen.masks import mask_to_rle, masks_to_rles, rle_areas, rles_to_boxes_xyxy, rles_to_masks
+from labelgen.structures.instances import ImageRecord, Instances
+from labelgen.structures.masks import mask_to_rle, masks_to_rles, rle_areas, rles_to_boxes_xyxy, rles_to_masks
 
 
 def _masks():

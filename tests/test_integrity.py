@@ -12,7 +12,7 @@ import pytest
 
 from labelgen.cli import main
 from labelgen.errors import CorruptRunError
-from labelgen.store import RunStore
+from labelgen.store.run_store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 

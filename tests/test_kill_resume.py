@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from labelgen.testing_images import make_image_folder
+from labelgen.testing.images import make_image_folder
 
 SHARDS = 8
 

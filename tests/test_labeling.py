@@ -10,8 +10,8 @@ import pytest
 
 from labelgen.config import config_to_dict, from_mapping
 from labelgen.errors import ConfigError, ValidationError
-from labelgen.instances import Instances
-from labelgen.labeling import (
+from labelgen.structures.instances import Instances
+from labelgen.labelers.config import (
     LABEL_MARGIN,
     LABEL_NAME,
     LABEL_PROB,
@@ -222,7 +222,7 @@ def test_config_requires_classes_and_checks_direct_construction():
 
 
 def test_labeling_imports_no_torch():
-    code = "import sys, labelgen.labeling; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, labelgen.labelers.config; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -231,7 +231,7 @@ def test_labeling_imports_no_torch():
 def tiny_labeler():
     pytest.importorskip("torch")
     pytest.importorskip("open_clip")
-    from labelgen.clip_labeler import ClipLabeler
+    from labelgen.labelers.clip import ClipLabeler
 
     return ClipLabeler.from_config(tiny_config())
 
@@ -249,7 +249,7 @@ def sample(coco128_images):
 
 def fresh(labeler, config=None, **kwargs):
     """A new labeler on the same model (no cached text embeddings)."""
-    from labelgen.clip_labeler import ClipLabeler
+    from labelgen.labelers.clip import ClipLabeler
 
     return ClipLabeler(labeler.model, labeler.tokenizer, config or labeler.config, **kwargs)
 
@@ -286,7 +286,7 @@ def test_label_is_deterministic_and_encodes_text_once(tiny_labeler, sample, monk
 def test_text_embedding_is_the_mean_of_its_prompts(tiny_labeler):
     import torch
 
-    from labelgen.zipmethod.semantic import text_embeddings
+    from labelgen.generators.zip.semantic import text_embeddings
 
     several = fresh(tiny_labeler).text_embeddings()
     alone = fresh(tiny_labeler, tiny_config(classes={"cat": [], "dog": [], "person": []})).text_embeddings()
@@ -360,9 +360,9 @@ def test_input_size_other_than_native(tiny_labeler, sample):
 
 def test_from_config_warns_and_reports_random_weights(caplog):
     pytest.importorskip("open_clip")
-    from labelgen.clip_labeler import ClipLabeler
+    from labelgen.labelers.clip import ClipLabeler
 
-    with caplog.at_level(logging.WARNING, logger="labelgen.clip_labeler"):
+    with caplog.at_level(logging.WARNING, logger="labelgen.labelers.clip"):
         labeler = ClipLabeler.from_config(tiny_config(), device="cpu")
     assert "RANDOM WEIGHTS" in caplog.text
     facts = labeler.provenance()
@@ -373,7 +373,7 @@ def test_from_config_warns_and_reports_random_weights(caplog):
 @pytest.mark.slow
 def test_vit_b16_random_weights_labels_two_instances(sample):
     pytest.importorskip("open_clip")
-    from labelgen.clip_labeler import ClipLabeler
+    from labelgen.labelers.clip import ClipLabeler
 
     image, inst = sample
     config = from_mapping(LabelerConfig, {"classes": {"dog": ["dog", "puppy"], "person": []},

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from labelgen.backends import keep_worker_with_its_models
+from labelgen.engine.backends import keep_worker_with_its_models
 
 pytest.importorskip("psutil")  # loky only checks worker memory when psutil is installed
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from labelgen.testing_images import make_image_folder
+from labelgen.testing.images import make_image_folder
 
 psutil = pytest.importorskip("psutil")
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ def test_start_local_ray_restores_ray_cluster_mode_afterwards(monkeypatch):
     import ray
     from ray._private import ray_constants
 
-    from labelgen import backends
+    from labelgen.engine import backends
 
     monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
     before = ray_constants.ENABLE_RAY_CLUSTER
@@ -150,7 +150,7 @@ def test_start_local_ray_restores_ray_cluster_mode_afterwards(monkeypatch):
 
 @needs_ray
 def test_a_runtime_off_loopback_is_refused():
-    from labelgen import backends
+    from labelgen.engine import backends
     from labelgen.errors import ConfigError
 
     shut = []

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from labelgen.errors import ValidationError
-from labelgen.masks import mask_to_rle, masks_to_rles
-from labelgen.nms import mask_iou_ios, mask_nms, pairwise_intersections
+from labelgen.structures.masks import mask_to_rle, masks_to_rles
+from labelgen.structures.nms import mask_iou_ios, mask_nms, pairwise_intersections
 
 H, W = 20, 30
 

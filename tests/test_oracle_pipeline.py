@@ -1,6 +1,6 @@
 """Oracle check of the whole zip pipeline on the 128 real coco128-seg images (``docs/oracle-check.md``).
 
-``zip-oracle`` (``labelgen.testing_oracle``) replaces CLIP's two stages and SAM with oracles built from
+``zip-oracle`` (``labelgen.testing.oracle``) replaces CLIP's two stages and SAM with oracles built from
 the ground truth; the class gate, the real k-means, stage 3 discovery, box scaling, scoring, NMS, the
 run store, ``filter``, ``export`` and ``eval`` stay real. Run through the CLI: ``run`` -> ``filter
 --save oracle`` -> ``export --filtered oracle --format coco``; the export is scored with pycocotools
@@ -39,8 +39,8 @@ from pycocotools.cocoeval import COCOeval
 
 from labelgen import generators
 from labelgen.cli import main as cli_main
-from labelgen.status import run_status
-from labelgen.zipmethod.kmeans import kmeans
+from labelgen.store.status import run_status
+from labelgen.generators.zip.kmeans import kmeans
 
 from conftest import COCO128
 
@@ -80,10 +80,10 @@ def _cli(*argv):
 
 @pytest.fixture(scope="module")
 def oracle():
-    """``labelgen.testing_oracle``, imported for this module only. Importing it registers "zip-oracle",
+    """``labelgen.testing.oracle``, imported for this module only. Importing it registers "zip-oracle",
     which other tests (the ``labelgen generators`` listing) must not see, so the registry, the loaded
     plugins and the module cache are restored afterwards."""
-    name = "labelgen.testing_oracle"
+    name = "labelgen.testing.oracle"
     saved = dict(generators.GENERATORS._items), set(generators._LOADED), name in sys.modules
     yield importlib.import_module(name)
     generators.GENERATORS._items.clear()
@@ -103,7 +103,7 @@ def oracle_run(oracle, tmp_path_factory):
     recipe.write_text(RECIPE.format(gt_root=json.dumps(str(COCO128))), encoding="utf-8")
     run_dir = folder / "run"
     start = time.perf_counter()
-    _cli("run", recipe, "--plugin", "labelgen.testing_oracle", "--images", IMAGES, "--out", run_dir, "--no-progress")
+    _cli("run", recipe, "--plugin", "labelgen.testing.oracle", "--images", IMAGES, "--out", run_dir, "--no-progress")
     seconds = time.perf_counter() - start
     _cli("filter", run_dir, "--min-confidence", "0.05", "--save", "oracle")
     _cli("export", run_dir, "--filtered", "oracle", "--format", "coco", "--out", folder / "pred")

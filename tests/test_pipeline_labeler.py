@@ -4,9 +4,9 @@ import json
 import numpy as np
 
 from conftest import make_recipe
-from labelgen.runner import run
-from labelgen.sources import FolderSource
-from labelgen.store import RunStore
+from labelgen.engine.runner import run
+from labelgen.engine.sources import FolderSource
+from labelgen.store.run_store import RunStore
 
 LABELER = ["labeler.model=labelgen-tiny-vit", "labeler.random_weights=true", "labeler.allow_download=false",
            "labeler.classes={cat: [cat, kitten], dog: [], person: [person, pedestrian]}"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_recipe
-from labelgen.backends import (
+from labelgen.engine.backends import (
     LocalBackend,
     RayBackend,
     ShardWork,
@@ -25,8 +25,8 @@ from labelgen.backends import (
 from labelgen.cli import _backend_overrides
 from labelgen.config import ExecutionConfig
 from labelgen.errors import ConfigError, GeneratorError, RunStoreError, StoreWriteError
-from labelgen.store import RunStore, ShardSpec
-from labelgen.testing_images import make_image_folder
+from labelgen.store.run_store import RunStore, ShardSpec
+from labelgen.testing.images import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -103,7 +103,7 @@ def test_cli_backend_flags(backend, address, expected):
 
 
 def test_unreachable_ray_address_fails_fast():
-    from labelgen.backends import check_reachable
+    from labelgen.engine.backends import check_reachable
 
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
@@ -156,7 +156,7 @@ def _by_pid(outcomes):
     (["execution.device=cuda"], 4, {"cuda:0", "cuda:1"}),  # 2 workers on 4 GPUs (loky processes are reused)
 ])
 def test_local_workers_each_keep_one_device(tmp_path, monkeypatch, overrides, gpus, expected):
-    import labelgen.backends as backends
+    import labelgen.engine.backends as backends
 
     monkeypatch.setattr(backends, "_cuda_count", lambda execution: gpus)
     work, outcomes, images = _probe_work(tmp_path, make_recipe("execution.workers=2", *overrides), range(8))
@@ -169,7 +169,7 @@ def test_local_workers_each_keep_one_device(tmp_path, monkeypatch, overrides, gp
 
 
 def test_cuda_without_gpus_stops_before_any_worker_starts(tmp_path, monkeypatch):
-    import labelgen.backends as backends
+    import labelgen.engine.backends as backends
 
     monkeypatch.setattr(backends, "_cuda_count", lambda execution: 0)
     work, outcomes, _ = _probe_work(tmp_path, make_recipe("execution.workers=2", "execution.device=cuda"), range(3))
@@ -196,7 +196,7 @@ def ray_gpus(ray_env):
     os.environ.update(ray_env)
     import ray
 
-    from labelgen.backends import start_local_ray
+    from labelgen.engine.backends import start_local_ray
 
     start_local_ray(ray, 2, num_gpus=2, log_to_driver=False, object_store_memory=100 * 2**20)  # loopback only
     yield ray
@@ -233,8 +233,8 @@ class TestRayInProcess:
         assert set().union(*visible.values()) <= {"0", "1"}
 
     def test_run_reports_every_image_and_matches_the_local_backend(self, tmp_path, image_dir, ray_gpus):
-        from labelgen.runner import RunProgress, run
-        from labelgen.sources import FolderSource
+        from labelgen.engine.runner import RunProgress, run
+        from labelgen.engine.sources import FolderSource
 
         run(make_recipe(), FolderSource(image_dir), tmp_path / "local")
         ticks = []

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 
 from conftest import COCO128, REPO, make_recipe
-from labelgen import report
+from labelgen.review import report
 from labelgen.cli import main
 from labelgen.errors import ValidationError
-from labelgen.instances import Instances
-from labelgen.report import build_report, report_stats
-from labelgen.runner import run
-from labelgen.sources import FolderSource
-from labelgen.store import RunStore, seal
-from labelgen.testing_images import make_corrupt_corpus
+from labelgen.structures.instances import Instances
+from labelgen.review.report import build_report, report_stats
+from labelgen.engine.runner import run
+from labelgen.engine.sources import FolderSource
+from labelgen.store.run_store import RunStore, seal
+from labelgen.testing.images import make_corrupt_corpus
 
 CHROMIUM = Path("/usr/bin/chromium")
 CLASSES = ["<b>x</b>", "cat", "a&b"]

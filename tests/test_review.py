@@ -18,15 +18,15 @@ import pytest
 
 from conftest import REPO, make_recipe
 from labelgen.errors import ConfigError, ExportError
-from labelgen.exports.fiftyone_export import FIELD, export_fiftyone
+from labelgen.exports.fiftyone import FIELD, export_fiftyone
 from labelgen.exports.source import open_export_source
-from labelgen.filter_config import FilterConfig
-from labelgen.filter_store import save_filtered
-from labelgen.masks import rles_to_masks
-from labelgen.review import pull_review
-from labelgen.runner import run
-from labelgen.sources import FolderSource
-from labelgen.store import RunStore
+from labelgen.postprocess.filter_config import FilterConfig
+from labelgen.postprocess.filter_store import save_filtered
+from labelgen.structures.masks import rles_to_masks
+from labelgen.review.review import pull_review
+from labelgen.engine.runner import run
+from labelgen.engine.sources import FolderSource
+from labelgen.store.run_store import RunStore
 from labelgen.testing import write_synthetic_run
 
 CLASSES = ["cat", "dog", "bird"]  # the fake generator's band i gets class i % 3
@@ -199,7 +199,7 @@ def test_review_of_a_filtered_copy_keeps_the_filter_rejections(tmp_path, dataset
 APP_SCRIPT = """
 import sys
 from pathlib import Path
-from labelgen.review import launch_review  # exports again (an update in place), then fo.launch_app(remote=True)
+from labelgen.review.review import launch_review  # exports again (an update in place), then fo.launch_app(remote=True)
 review = launch_review(sys.argv[1], sys.argv[2], port=int(sys.argv[3]), address="127.0.0.1", wait=False)
 Path(sys.argv[4]).write_text(review.url)
 review.session.wait(-1)  # until killed: a closed browser tab must not stop the server between the two visits

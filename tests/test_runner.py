@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 
 from conftest import make_recipe
-from labelgen.runner import RunProgress, run
-from labelgen.sources import FolderSource
-from labelgen.status import format_status, run_status
-from labelgen.store import RunStore
-from labelgen.testing_images import GOOD_IMAGE_SIZES, make_corrupt_corpus
+from labelgen.engine.runner import RunProgress, run
+from labelgen.engine.sources import FolderSource
+from labelgen.store.status import format_status, run_status
+from labelgen.store.run_store import RunStore
+from labelgen.testing.images import GOOD_IMAGE_SIZES, make_corrupt_corpus
 
 
 def _rows(root):
@@ -40,7 +40,7 @@ def test_corrupt_corpus_every_bad_file_recorded_every_good_file_labelled(tmp_pat
 
 
 def test_listed_file_that_is_gone_is_a_missing_failure(tmp_path, image_dir):
-    from labelgen.sources import ListFileSource
+    from labelgen.engine.sources import ListFileSource
 
     listing = tmp_path / "list.txt"
     listing.write_text(f"{image_dir}/img_00000.png\n{image_dir}/gone.png\n")
@@ -74,7 +74,7 @@ def test_two_workers_give_the_same_outputs_as_one(tmp_path, image_dir):
 
 
 def test_crashed_shard_is_recorded_reported_and_retried(tmp_path, image_dir, monkeypatch):
-    import labelgen.runner as runner
+    import labelgen.engine.runner as runner
 
     real = runner.process_shard
 

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from labelgen import weights
+from labelgen.models import weights
 from labelgen.config import load_recipe, recipe_from_dict
-from labelgen.decode import read_image_rgb
+from labelgen.engine.decode import read_image_rgb
 from labelgen.errors import ConfigError, GeneratorError, ValidationError, WeightsNotFoundError
 from labelgen.generators import GENERATORS
 from labelgen.generators.sam_auto import SamAutoConfig, SamAutoGenerator
-from labelgen.instances import ImageRecord, Instances
-from labelgen.masks import rles_to_boxes_xyxy
-from labelgen.runner import run
-from labelgen.sources import ListFileSource
-from labelgen.store import RunStore
+from labelgen.structures.instances import ImageRecord, Instances
+from labelgen.structures.masks import rles_to_boxes_xyxy
+from labelgen.engine.runner import run
+from labelgen.engine.sources import ListFileSource
+from labelgen.store.run_store import RunStore
 
 TINY = REPO / "recipes" / "sam-auto-tiny-random.yaml"
 IMAGE = "000000000009.jpg"  # 640 x 480

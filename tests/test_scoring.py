@@ -3,8 +3,8 @@ import pytest
 
 from conftest import make_recipe
 from labelgen.errors import ConfigError, ValidationError
-from labelgen.instances import Instances
-from labelgen.scoring import ScoringConfig, combine_scores, with_combined_score
+from labelgen.structures.instances import Instances
+from labelgen.structures.scoring import ScoringConfig, combine_scores, with_combined_score
 
 SCORES = {"a": np.array([0.25, 1.0, 0.0, 0.64]), "b": np.array([1.0, 0.5, 0.5, 1.0])}
 
@@ -63,9 +63,9 @@ def test_with_combined_score_keeps_raw_components():
 
 
 def test_recipe_scoring_section_is_applied_by_the_run(tmp_path, image_dir):
-    from labelgen.runner import run
-    from labelgen.sources import FolderSource
-    from labelgen.store import RunStore
+    from labelgen.engine.runner import run
+    from labelgen.engine.sources import FolderSource
+    from labelgen.store.run_store import RunStore
 
     recipe = make_recipe("scoring.formula=product", "scoring.components=[confidence, confidence]")
     run(recipe, FolderSource(image_dir), tmp_path / "scored")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from labelgen.errors import ImageSourceError
-from labelgen.instances import ImageRecord
-from labelgen.sources import (
+from labelgen.structures.instances import ImageRecord
+from labelgen.engine.sources import (
     DEFAULT_EXTENSIONS,
     SOURCES,
     CocoJsonSource,
@@ -18,7 +18,7 @@ from labelgen.sources import (
     ListFileSource,
     open_source,
 )
-from labelgen.testing_images import make_corrupt_corpus
+from labelgen.testing.images import make_corrupt_corpus
 
 
 def _touch(root: Path, *names: str) -> None:

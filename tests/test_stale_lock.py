@@ -11,8 +11,8 @@ import psutil
 import pytest
 
 from labelgen.errors import RunStoreError
-from labelgen.store import RunStore
-from labelgen.testing_images import make_image_folder
+from labelgen.store.run_store import RunStore
+from labelgen.testing.images import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 

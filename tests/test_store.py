@@ -11,9 +11,9 @@ import pytest
 
 from conftest import make_recipe
 from labelgen.errors import ConfigMismatchError, RunLockedError, RunStoreError, StoreWriteError
-from labelgen.runner import run
-from labelgen.sources import FolderSource
-from labelgen.store import RunStore
+from labelgen.engine.runner import run
+from labelgen.engine.sources import FolderSource
+from labelgen.store.run_store import RunStore
 
 
 def _rows(store):
@@ -120,7 +120,7 @@ def test_new_run_archives_the_old_one(tmp_path, image_dir):
 
 
 def test_extend_adds_only_new_images_as_new_shards(tmp_path, image_dir):
-    from labelgen.testing_images import make_image_folder
+    from labelgen.testing.images import make_image_folder
 
     root = tmp_path / "run"
     run(make_recipe(), FolderSource(image_dir), root)
@@ -190,7 +190,7 @@ def test_write_failure_mid_run_keeps_committed_shards(tmp_path, image_dir, monke
 
 def test_real_file_size_limit_gives_clear_error_and_resume_works(tmp_path):
     """A real EFBIG from the kernel (RLIMIT_FSIZE) while writing shards, in a subprocess."""
-    from labelgen.testing_images import make_image_folder
+    from labelgen.testing.images import make_image_folder
 
     image_dir = tmp_path / "big"
     make_image_folder(image_dir, 10, size=(320, 240))  # shard files ~2.8 kB, manifests < 2 kB
@@ -201,8 +201,8 @@ def test_real_file_size_limit_gives_clear_error_and_resume_works(tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         sys.path.insert(0, {str(os.path.dirname(__file__))!r})
         from conftest import make_recipe
-        from labelgen.runner import run
-        from labelgen.sources import FolderSource
+        from labelgen.engine.runner import run
+        from labelgen.engine.sources import FolderSource
         from labelgen.errors import StoreWriteError
         resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
         try:

@@ -3,7 +3,7 @@ import hashlib
 
 import pytest
 
-import labelgen.weights as weights
+import labelgen.models.weights as weights
 from labelgen.config import recipe_from_dict
 from labelgen.errors import WeightsNotFoundError
 from labelgen.generators import GENERATORS
@@ -90,8 +90,8 @@ def test_paper_recipe_without_weights_lists_every_missing_file_at_once(offline, 
 
 def test_run_preflight_adds_the_labeler_weights_and_writes_nothing(offline, monkeypatch, tmp_path, image_dir):
     from labelgen.config import apply_overrides
-    from labelgen.runner import run
-    from labelgen.sources import FolderSource
+    from labelgen.engine.runner import run
+    from labelgen.engine.sources import FolderSource
 
     monkeypatch.setattr(weights, "_clip_cached_file", lambda cfg: None)
     data = {"generator": {"name": "zip", "sam": {"model_type": "vit_b", "checkpoint": str(tmp_path / "no.pth")}},

@@ -12,10 +12,10 @@ from conftest import COCO128, make_recipe
 from labelgen.errors import ExportError
 from labelgen.exports.source import open_export_source
 from labelgen.exports.yolo import export_yolo, mask_parts, merge_parts
-from labelgen.instances import ImageRecord, Instances
-from labelgen.runner import run
-from labelgen.sources import FolderSource
-from labelgen.store import RunStore
+from labelgen.structures.instances import ImageRecord, Instances
+from labelgen.engine.runner import run
+from labelgen.engine.sources import FolderSource
+from labelgen.store.run_store import RunStore
 
 H, W = 20, 30  # frame of the hand-made images
 
@@ -321,9 +321,9 @@ def test_coco128_ground_truth_round_trip(tmp_path):
 
     ``merge`` is the policy that keeps one line per object here: Ultralytics joined multi-part COCO
     objects with zero-width bridges, which fill as separate parts (and 1-pixel slivers) again."""
-    importers = pytest.importorskip("labelgen.importers")
+    importers = pytest.importorskip("labelgen.exports.importers")
     if not hasattr(importers, "import_yolo") or not hasattr(importers, "write_imported_run"):
-        pytest.skip("labelgen.importers has no import_yolo / write_imported_run yet")
+        pytest.skip("labelgen.exports.importers has no import_yolo / write_imported_run yet")
     if not (COCO128 / "labels" / "train2017").is_dir():
         pytest.skip(f"coco128-seg not found at {COCO128}")
     run_dir = importers.write_imported_run(importers.import_yolo(COCO128, split="train2017"), tmp_path / "gt")

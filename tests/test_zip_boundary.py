@@ -17,16 +17,16 @@ open_clip = pytest.importorskip("open_clip")
 
 import labelgen  # noqa: E402
 from labelgen.errors import GeneratorError, ValidationError  # noqa: E402
-from labelgen.zipmethod.boundary import (  # noqa: E402
+from labelgen.generators.zip.boundary import (  # noqa: E402
     BoundaryStage,
     Layer3Trunk,
     layer3_features,
     resize_for_boundary,
     truncate_to_layer3,
 )
-from labelgen.zipmethod.config import BoundaryConfig  # noqa: E402
-from labelgen.zipmethod.discovery import class_map_to_grid  # noqa: E402
-from labelgen.zipmethod.kmeans import even_init_indices, kmeans, semantic_init_indices  # noqa: E402
+from labelgen.generators.zip.config import BoundaryConfig  # noqa: E402
+from labelgen.generators.zip.discovery import class_map_to_grid  # noqa: E402
+from labelgen.generators.zip.kmeans import even_init_indices, kmeans, semantic_init_indices  # noqa: E402
 
 TINY = "labelgen-tiny-rn"
 TINY_CHANNELS = 8 * 16

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from labelgen.errors import ValidationError
-from labelgen.zipmethod.config import DiscoveryConfig
-from labelgen.zipmethod.discovery import (
+from labelgen.generators.zip.config import DiscoveryConfig
+from labelgen.generators.zip.discovery import (
     activation_mask,
     class_map_to_grid,
     discover_instances,

@@ -6,14 +6,14 @@ import pytest
 
 from conftest import REPO
 from labelgen.config import apply_overrides, load_recipe, recipe_from_dict
-from labelgen.decode import read_image_rgb
+from labelgen.engine.decode import read_image_rgb
 from labelgen.errors import GeneratorError
 from labelgen.generators import GENERATORS
-from labelgen.instances import ImageRecord
-from labelgen.runner import run
-from labelgen.sources import ListFileSource
-from labelgen.store import RunStore
-from labelgen.zipmethod.semantic import SemanticResult
+from labelgen.structures.instances import ImageRecord
+from labelgen.engine.runner import run
+from labelgen.engine.sources import ListFileSource
+from labelgen.store.run_store import RunStore
+from labelgen.generators.zip.semantic import SemanticResult
 
 TINY = REPO / "recipes" / "zip-tiny-random.yaml"
 IMAGES = ["000000000009.jpg", "000000000025.jpg", "000000000030.jpg"]
@@ -169,8 +169,8 @@ def test_clustering_then_discovery_on_a_synthetic_feature_grid_finds_the_known_o
     """Stage 2 + 3 together: features with two objects -> K-means -> activated fragments -> exact boxes."""
     import torch
 
-    from labelgen.zipmethod.config import DiscoveryConfig
-    from labelgen.zipmethod.kmeans import even_init_indices, kmeans
+    from labelgen.generators.zip.config import DiscoveryConfig
+    from labelgen.generators.zip.kmeans import even_init_indices, kmeans
 
     h, w, d = 24, 32, 8
     rng = np.random.default_rng(0)
@@ -189,7 +189,7 @@ def test_clustering_then_discovery_on_a_synthetic_feature_grid_finds_the_known_o
     activated = np.zeros((h, w), bool)
     activated[3:9, 4:12] = True  # the class map covers most of A ...
     activated[12:20, 18:28] = True  # ... and of B, none of the background
-    from labelgen.zipmethod.discovery import discover_instances, grid_boxes_to_image
+    from labelgen.generators.zip.discovery import discover_instances, grid_boxes_to_image
 
     found = discover_instances(labels, activated, DiscoveryConfig(min_cells=50))
     boxes = sorted(inst.box_xyxy_grid for inst in found)

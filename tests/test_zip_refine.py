@@ -10,9 +10,9 @@ pytest.importorskip("segment_anything")
 from segment_anything import SamPredictor  # noqa: E402
 
 from labelgen.errors import GeneratorError, ValidationError, WeightsNotFoundError  # noqa: E402
-from labelgen.zipmethod.config import SamConfig  # noqa: E402
-from labelgen.zipmethod.loading import resolve_precision  # noqa: E402
-from labelgen.zipmethod.refine import (  # noqa: E402
+from labelgen.generators.zip.config import SamConfig  # noqa: E402
+from labelgen.models.loading import resolve_precision  # noqa: E402
+from labelgen.generators.zip.refine import (  # noqa: E402
     SAM_MODEL_TYPES,
     SamRefiner,
     _stability_score,

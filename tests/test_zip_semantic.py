@@ -8,10 +8,10 @@ torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
 from labelgen.errors import ConfigError, GeneratorError, ValidationError  # noqa: E402
-from labelgen.zipmethod.config import SemanticConfig  # noqa: E402
-from labelgen.zipmethod.models import MODEL_CONFIG_DIR, register_model_configs  # noqa: E402
-from labelgen.zipmethod.prompts import PROMPT_TEMPLATES  # noqa: E402
-from labelgen.zipmethod.semantic import (  # noqa: E402
+from labelgen.generators.zip.config import SemanticConfig  # noqa: E402
+from labelgen.models.presets import MODEL_CONFIG_DIR, register_model_configs  # noqa: E402
+from labelgen.models.prompts import PROMPT_TEMPLATES  # noqa: E402
+from labelgen.generators.zip.semantic import (  # noqa: E402
     SemanticStage,
     TextEmbeddingCache,
     activation_maps,

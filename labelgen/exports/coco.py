@@ -39,7 +39,7 @@ from pycocotools import mask as coco_mask
 from .. import __version__
 from ..atomic import EXPORT_NOTE, atomic_file, create_temp, json_bytes, store_write_error, write_json_atomic
 from ..errors import ExportError
-from ..instances import Instances
+from ..structures.instances import Instances
 from .paths import export_lock, relative_to_root, remove_stale_export_temps, safe_join
 from .polygons import mask_to_polygons, polygons_iou
 from .source import ExportItem, ExportSource, log_incomplete

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..errors import ExportError
-from ..filter_config import FilterConfig
-from ..filter_store import filter_row, incomplete_message, read_copy_rows, run_incomplete
-from ..instances import ImageRecord, Instances
-from ..store import RunStore
+from ..postprocess.filter_config import FilterConfig
+from ..postprocess.filter_store import filter_row, incomplete_message, read_copy_rows, run_incomplete
+from ..structures.instances import ImageRecord, Instances
+from ..store.run_store import RunStore
 
 log = logging.getLogger(__name__)
 

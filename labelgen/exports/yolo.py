@@ -54,8 +54,8 @@ import yaml
 
 from ..atomic import EXPORT_NOTE, create_exclusive, store_write_error, write_bytes_atomic, write_json_atomic
 from ..errors import ExportError
-from ..instances import Instances
-from ..masks import RLE, rles_to_masks
+from ..structures.instances import Instances
+from ..structures.masks import RLE, rles_to_masks
 from .paths import export_lock, relative_to_root, remove_stale_export_temps, remove_stale_folder, safe_join
 from .polygons import mask_parts, merge_parts
 from .source import ExportItem, ExportSource, log_incomplete

@@ -43,7 +43,7 @@ def load_plugins(modules: Sequence[str] = ()) -> list[str]:
     return loaded
 
 
-from . import zip as _zip  # noqa: E402,F401  (built-in: registers "zip")
+from .zip import generator as _zip  # noqa: E402,F401  (built-in: registers "zip")
 from . import sam_auto as _sam_auto  # noqa: E402,F401  (built-in: registers "sam-auto")
 
 __all__ = ["GENERATORS", "Generator", "load_plugins"]

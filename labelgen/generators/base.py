@@ -7,7 +7,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
-from ..instances import ImageRecord, Instances
+from ..structures.instances import ImageRecord, Instances
 
 
 class Generator(abc.ABC):

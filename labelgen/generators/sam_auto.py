@@ -34,10 +34,10 @@ import numpy as np
 
 from ..checks import bounded, check_fields
 from ..errors import ConfigError, ValidationError
-from ..instances import ImageRecord, Instances
-from ..masks import rles_to_boxes_xyxy
-from ..weights import resolve_sam_checkpoint
-from ..zipmethod.config import PRECISION_CHOICES, SAM_MODEL_TYPES
+from ..structures.instances import ImageRecord, Instances
+from ..structures.masks import rles_to_boxes_xyxy
+from ..models.weights import resolve_sam_checkpoint
+from .zip.config import PRECISION_CHOICES, SAM_MODEL_TYPES
 from . import GENERATORS
 from .base import Generator
 
@@ -136,7 +136,7 @@ class SamAutoGenerator(Generator):
     def from_config(cls, config: SamAutoConfig, *, device: str = "cpu") -> "SamAutoGenerator":
         from segment_anything import SamAutomaticMaskGenerator
 
-        from ..zipmethod.loading import check_device, load_sam, resolve_precision
+        from ..models.loading import check_device, load_sam, resolve_precision
 
         dev = check_device(device)
         precision = resolve_precision(config.precision, dev)  # "auto" -> what this device runs natively
@@ -200,7 +200,7 @@ class SamAutoGenerator(Generator):
     def _inference(self) -> Iterator[None]:
         import torch
 
-        from ..zipmethod.loading import autocast
+        from ..models.loading import autocast
 
         precision = self.facts.get("precision", self.config.precision)  # resolved in from_config
         with torch.inference_mode(), autocast(self.mask_generator.predictor.device, precision):

@@ -1,0 +1,205 @@
+"""Labelling a run of images: decode ahead, batch the model, finish behind.
+
+Three kinds of work overlap, so the model is never kept waiting by the CPU:
+
+* a **decode** thread reads and decodes the next images (Pillow releases the GIL while it decodes);
+* the calling thread runs ``generator.generate_batch`` on ``batch_size`` images at a time
+  (torch releases the GIL while it computes);
+* a **finish** thread runs each image's finisher (RLE encoding, NMS), the CLIP labeler and the
+  score combination, and builds the image's shard row.
+
+Memory stays bounded: at most one batch is decoded ahead and at most two batches wait to be
+finished. Rows come back in input order, identical to ``overlap=False`` (everything inline).
+Nothing here raises for a bad image or a model failure: each becomes a failed row.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..config import ImagesConfig
+from .decode import DEFAULT_MAX_FILE_BYTES, read_image_rgb
+from ..errors import ImageDecodeError, LabelgenError, ValidationError
+from ..generators import Generator
+from ..generators.base import failed
+from ..structures.instances import ImageRecord, Instances
+from ..structures.scoring import ScoringConfig, with_combined_score
+
+log = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+
+
+def label_images(
+    generator: Generator,
+    records: Sequence[ImageRecord],
+    images: ImagesConfig,
+    *,
+    scoring: ScoringConfig | None = None,
+    labeler: Any = None,
+    batch_size: int = 1,
+    overlap: bool = True,
+    on_image: Callable[[int], None] | None = None,
+) -> list[Row]:
+    """One shard row per record, in order: ``{"image", "status": "ok", "instances"}`` or a failed row.
+
+    ``batch_size``: images per ``generate_batch`` call. ``overlap``: decode and finish on
+    background threads (``False``: all inline, for debugging and benchmarks; same rows).
+    ``on_image(1)`` is called as each row is done (from either thread, never two calls at once).
+    """
+    if batch_size < 1:
+        raise ValidationError(f"batch_size must be >= 1, got {batch_size}")
+    rows: list[Row | None] = [None] * len(records)
+    lock = threading.Lock()  # rows are done on two threads; on_image is never called concurrently
+
+    def done(index: int, row: Row) -> None:
+        with lock:
+            rows[index] = row
+            if on_image is not None:
+                on_image(1)
+
+    finish = _Finisher(labeler, scoring, done)
+    with _pool(overlap, "labelgen-decode") as decode_pool, _pool(overlap, "labelgen-finish") as finish_pool:
+        pending: collections.deque[Future] = collections.deque()
+        for batch in _batches(_decoded(records, images, decode_pool, ahead=batch_size), batch_size, done):
+            indices, batch_records, batch_images = zip(*batch)
+            for index, record, image, finisher in zip(indices, batch_records, batch_images,
+                                                      _model_work(generator, batch_images, batch_records)):
+                pending.append(finish_pool.submit(finish, index, record, image, finisher))
+            while len(pending) > 2 * batch_size:  # bound what waits to be finished
+                pending.popleft().result()
+        for future in pending:
+            future.result()
+    return rows  # type: ignore[return-value]
+
+
+def _model_work(generator: Generator, images_rgb: Sequence[np.ndarray],
+                records: Sequence[ImageRecord]) -> list[Callable[[], Instances]]:
+    """``generator.generate_batch``; a generator bug that escapes it fails the batch's images only."""
+    try:
+        finishers = generator.generate_batch(list(images_rgb), list(records))
+        if len(finishers) != len(records):
+            raise ValidationError(f"{type(generator).__name__}.generate_batch returned {len(finishers)} results"
+                                  f" for {len(records)} images")
+        return finishers
+    except Exception as exc:
+        log.exception("generate_batch failed on a batch of %d images", len(records))
+        return [failed(exc)] * len(records)
+
+
+class _Finisher:
+    """An image's finisher -> frame check -> labeler -> combined score -> shard row."""
+
+    def __init__(self, labeler: Any, scoring: ScoringConfig | None, done: Callable[[int, Row], None]):
+        self.labeler, self.scoring, self.done = labeler, scoring, done
+
+    def __call__(self, index: int, record: ImageRecord, image_rgb: np.ndarray,
+                 finisher: Callable[[], Instances]) -> None:
+        self.done(index, self.row(record, image_rgb, finisher))
+
+    def row(self, record: ImageRecord, image_rgb: np.ndarray, finisher: Callable[[], Instances]) -> Row:
+        try:
+            instances = finisher()
+            check_frame(instances, record)
+            if self.labeler is not None:
+                instances = self.labeler.label(image_rgb, instances)
+            if self.scoring is not None:
+                instances = with_combined_score(instances, self.scoring)
+        except LabelgenError as exc:
+            return failed_row(record, "generator_error", f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a model bug or OOM on one image must not abort the run
+            log.error("generator failed on %s: %s: %s", record.image_id, type(exc).__name__, exc,
+                      exc_info=(type(exc), exc, exc.__traceback__))
+            return failed_row(record, "generator_error", f"{type(exc).__name__}: {exc}")
+        return {"image": record.to_dict(), "status": "ok", "instances": instances.to_dict()}
+
+
+def _decode(record: ImageRecord, images: ImagesConfig) -> tuple[ImageRecord, np.ndarray | None, Row | None]:
+    """(record with its size, image, None) or (record, None, failed row). ``images.max_file_bytes``
+    caps the bytes read (``decode.DEFAULT_MAX_FILE_BYTES`` where the config has no such key)."""
+    try:
+        image, info = read_image_rgb(record.uri, max_pixels=images.max_pixels, compute_sha256=images.compute_sha256,
+                                     max_file_bytes=getattr(images, "max_file_bytes", DEFAULT_MAX_FILE_BYTES))
+    except ImageDecodeError as exc:
+        return record, None, failed_row(record, exc.reason, str(exc))
+    except Exception as exc:  # a decoder bug (or MemoryError) on one image must not cost the shard
+        log.error("decoding %r failed: %s: %s", record.uri, type(exc).__name__, exc,
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        return record, None, failed_row(record, "unreadable", f"cannot decode {record.uri!r}: "
+                                                             f"{type(exc).__name__}: {exc}")
+    return record.with_size(info["width"], info["height"], info.get("sha256")), image, None
+
+
+def _decoded(records: Sequence[ImageRecord], images: ImagesConfig, pool: Any, ahead: int
+             ) -> Iterator[tuple[int, ImageRecord, np.ndarray | None, Row | None]]:
+    """``_decode`` of each record in order, up to ``ahead`` images decoded in advance on ``pool``."""
+    queue: collections.deque[tuple[int, Future]] = collections.deque()
+    upcoming = iter(enumerate(records))
+    while True:
+        while len(queue) <= ahead:
+            nxt = next(upcoming, None)
+            if nxt is None:
+                break
+            queue.append((nxt[0], pool.submit(_decode, nxt[1], images)))
+        if not queue:
+            return
+        index, future = queue.popleft()
+        yield (index, *future.result())
+
+
+def _batches(decoded: Iterator[tuple[int, ImageRecord, np.ndarray | None, Row | None]], batch_size: int,
+             done: Callable[[int, Row], None]) -> Iterator[list[tuple[int, ImageRecord, np.ndarray]]]:
+    """Batches of decoded images; images that failed to decode are done at once (failed rows)."""
+    batch: list[tuple[int, ImageRecord, np.ndarray]] = []
+    for index, record, image, failure in decoded:
+        if failure is not None:
+            done(index, failure)
+            continue
+        batch.append((index, record, image))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class _Inline:
+    """The ``ThreadPoolExecutor`` interface, running each call at once (``overlap=False``)."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # delivered by .result(), as a pool would
+            future.set_exception(exc)
+        return future
+
+    def __enter__(self) -> "_Inline":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _pool(overlap: bool, name: str) -> Any:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) if overlap else _Inline()
+
+
+def failed_row(record: ImageRecord, reason: str, message: str) -> Row:
+    return {"image": record.to_dict(), "status": "failed", "failure": {"reason": reason, "message": message}}
+
+
+def check_frame(instances: Instances, record: ImageRecord) -> None:
+    """``ValidationError`` unless ``instances`` is an ``Instances`` in ``record``'s pixel frame."""
+    if not isinstance(instances, Instances):
+        raise ValidationError(f"generator must return Instances; got {type(instances).__name__}")
+    if (instances.height, instances.width) != (record.height, record.width):
+        raise ValidationError(
+            f"generator returned a {instances.width}x{instances.height} frame for a "
+            f"{record.width}x{record.height} image"
+        )

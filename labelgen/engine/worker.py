@@ -1,0 +1,96 @@
+"""What one worker process does: load the generator once, then label shards (``pipeline``) and commit them."""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable
+
+from ..config import ExecutionConfig, Recipe
+from ..generators import GENERATORS, Generator
+from .pipeline import label_images
+from ..store.run_store import RunStore, ShardSpec, utc_now
+
+log = logging.getLogger(__name__)
+
+_GENERATORS: dict[tuple[str, str, str], Generator] = {}  # per process: (fingerprint, device, cache) -> generator
+_LABELERS: dict[tuple[str, str], Any] = {}  # per process: (fingerprint, device) -> ClipLabeler
+
+
+def get_generator(recipe: Recipe) -> Generator:
+    """The process's generator for this recipe, built on first use (models load once per worker)."""
+    key = (recipe.fingerprint(), recipe.execution.device, recipe.execution.cache_dir)
+    if key not in _GENERATORS:
+        cls = GENERATORS.get(recipe.generator.name)
+        generator = cls.from_config(recipe.generator.params, device=recipe.execution.device)
+        _attach_feature_cache(generator, recipe.execution)
+        _GENERATORS[key] = generator
+        _limit_torch_threads(recipe.execution)
+    return _GENERATORS[key]
+
+
+def _attach_feature_cache(generator: Generator, execution: ExecutionConfig) -> None:
+    """Give generators that support it (``feature_cache`` attribute) the configured cache."""
+    if execution.cache_dir and hasattr(generator, "feature_cache"):
+        from pathlib import Path
+
+        from ..models.feature_cache import FeatureCache
+
+        generator.feature_cache = FeatureCache(Path(execution.cache_dir), int(execution.cache_max_gb * 2**30))
+
+
+def get_labeler(recipe: Recipe) -> Any:
+    """The process's CLIP labeler for this recipe, or ``None`` when the recipe has none."""
+    if recipe.labeler is None:
+        return None
+    key = (recipe.fingerprint(), recipe.execution.device)
+    if key not in _LABELERS:
+        from ..labelers.clip import ClipLabeler  # torch: only when a labeler is asked for
+
+        _LABELERS[key] = ClipLabeler.from_config(recipe.labeler, device=recipe.execution.device)
+        _limit_torch_threads(recipe.execution)
+    return _LABELERS[key]
+
+
+def _limit_torch_threads(execution: ExecutionConfig) -> None:
+    """Share the CPU cores between workers: oversubscribed torch threads slow everything down."""
+    torch = sys.modules.get("torch")  # only generators that use torch have imported it
+    if torch is None:
+        return
+    threads = execution.threads_per_worker or max(1, (os.cpu_count() or 1) // execution.workers)
+    torch.set_num_threads(threads)
+
+
+def process_shard(
+    root: str, shard: ShardSpec, recipe: Recipe, on_image: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    """Label every image of ``shard`` and commit it. Returns the done record."""
+    generator, labeler = get_generator(recipe), get_labeler(recipe)
+    if generator.batch_size != recipe.execution.batch_size:
+        generator.batch_size = recipe.execution.batch_size
+    started, t0 = utc_now(), time.perf_counter()
+    rows = label_images(generator, shard.images, recipe.images, scoring=recipe.scoring, labeler=labeler,
+                        batch_size=recipe.execution.batch_size, on_image=on_image)
+    summary = _summarize(rows)
+    summary.update(
+        fingerprint=recipe.fingerprint(),
+        started=started,
+        finished=utc_now(),
+        seconds=round(time.perf_counter() - t0, 4),
+        provenance={**generator.provenance(), **({"labeler": labeler.provenance()} if labeler else {})},
+    )
+    return RunStore(root).commit_shard(shard, rows, summary, level=recipe.store.compress_level)
+
+
+def _summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    failures = [
+        {"image_id": r["image"]["image_id"], "uri": r["image"]["uri"], **r["failure"]}
+        for r in rows
+        if r["status"] == "failed"
+    ]
+    instances = sum(len(r["instances"]["masks_rle"]) for r in rows if r["status"] == "ok")
+    reasons = collections.Counter(f["reason"] for f in failures)
+    return {"images": len(rows), "ok": len(rows) - len(failures), "failed": len(failures),
+            "instances": instances, "failures": failures, "failure_reasons": dict(sorted(reasons.items()))}

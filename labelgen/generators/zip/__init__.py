@@ -1,0 +1,1 @@
+"""The Zip generator and its four stages (see docs/method.md)."""

@@ -1,0 +1,1 @@
+"""Labelers: give class names to any generator's instances (CLIP region labeler)."""

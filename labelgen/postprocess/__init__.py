@@ -1,0 +1,1 @@
+"""Post-hoc filtering of stored labels, without models."""

@@ -1,0 +1,1 @@
+"""Human review (FiftyOne App), evaluation against ground truth, and the HTML report."""
