@@ -149,7 +149,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_outputs(fresh, batch, one_
     calls = []
     _oom_above(getattr(fresh, stage), method, 2, monkeypatch, calls)
     fresh.batch_size = 8
-    with caplog.at_level(logging.WARNING, logger="labelgen.engine.oom"):
+    with caplog.at_level(logging.WARNING, logger="labelgen.models.oom"):
         got = _finish_all(fresh.generate_batch(*batch))
     for g, e in zip(got, one_by_one):
         assert_same_instances(g, e)
@@ -335,7 +335,7 @@ def test_sam_decoder_out_of_memory_splits_the_boxes(fresh, batch, monkeypatch, c
 
     monkeypatch.setattr(refiner.predictor, "predict_torch", predict_torch)
     try:
-        with caplog.at_level(logging.WARNING, logger="labelgen.engine.oom"):
+        with caplog.at_level(logging.WARNING, logger="labelgen.models.oom"):
             split = refiner.decode_boxes(boxes)
         assert calls[:2] == [5, 2] and max(calls[1:]) <= 2 and sum(calls[1:]) == 5
         assert "out of memory on a batch of 5" in caplog.text

@@ -261,7 +261,7 @@ def test_every_number_of_a_recipe_has_a_checked_range(cls, name, kind):
 
 def test_sam_model_types_match_the_models_that_can_be_built():
     from labelgen.models.weights import SAM_CHECKPOINTS
-    from labelgen.generators.zip.refine import SAM_MODEL_TYPES
+    from labelgen.models.sam import SAM_MODEL_TYPES
 
     assert set(zip_config.SAM_MODEL_TYPES) == set(SAM_MODEL_TYPES) == {"tiny", *SAM_CHECKPOINTS}
 

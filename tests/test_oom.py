@@ -4,7 +4,7 @@ import logging
 import pytest
 
 from labelgen.errors import ValidationError
-from labelgen.engine.oom import default_is_oom, run_with_backoff
+from labelgen.models.oom import default_is_oom, run_with_backoff
 
 
 class FakeModel:
@@ -34,7 +34,7 @@ def test_backoff_gives_the_batch_size_1_results_with_the_expected_retries(n_item
                                                                            expected_calls, caplog):
     items = list(range(n_items))
     model = FakeModel(limit)
-    with caplog.at_level(logging.WARNING, logger="labelgen.engine.oom"):
+    with caplog.at_level(logging.WARNING, logger="labelgen.models.oom"):
         out = run_with_backoff(model, items, batch_size)
     assert out == run_with_backoff(FakeModel(1), items, 1) == [2 * x for x in items]
     assert model.calls == expected_calls

@@ -12,13 +12,8 @@ from segment_anything import SamPredictor  # noqa: E402
 from labelgen.errors import GeneratorError, ValidationError, WeightsNotFoundError  # noqa: E402
 from labelgen.generators.zip.config import SamConfig  # noqa: E402
 from labelgen.models.loading import resolve_precision  # noqa: E402
-from labelgen.generators.zip.refine import (  # noqa: E402
-    SAM_MODEL_TYPES,
-    SamRefiner,
-    _stability_score,
-    build_sam,
-    zip_confidence,
-)
+from labelgen.generators.zip.refine import SamRefiner, _stability_score, zip_confidence  # noqa: E402
+from labelgen.models.sam import SAM_MODEL_TYPES, build_sam  # noqa: E402
 
 HEIGHT, WIDTH = 50, 80  # non-square on purpose
 BOXES = np.array([[0, 0, 40, 30], [10, 5, 79, 49], [30, 20, 35, 26], [60, 0, 80, 50]], dtype=np.float32)

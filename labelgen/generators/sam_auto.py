@@ -38,7 +38,7 @@ from ..structures.instances import ImageRecord, Instances
 from ..structures.masks import rles_to_boxes_xyxy
 from ..models.weights import resolve_sam_checkpoint
 from .zip.config import PRECISION_CHOICES, SAM_MODEL_TYPES
-from . import GENERATORS
+from .registry import GENERATORS
 from .base import Generator
 
 log = logging.getLogger(__name__)

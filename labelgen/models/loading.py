@@ -148,7 +148,7 @@ def load_sam(model_type: str, checkpoint: str, *, random_weights: bool, allow_do
              device: torch.device, config_key: str = "generator.sam.checkpoint") -> tuple[Any, dict[str, Any]]:
     """A SAM model in eval mode on ``device`` and provenance facts (checkpoint path and SHA-256)."""
     from .weights import SAM_CHECKPOINTS
-    from ..generators.zip.refine import build_sam
+    from .sam import build_sam
 
     if random_weights:
         torch.manual_seed(RANDOM_SEED)

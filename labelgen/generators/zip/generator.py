@@ -32,12 +32,12 @@ from ...errors import ConfigError, GeneratorError
 from ...structures.instances import ImageRecord, Instances
 from ...structures.masks import masks_to_rles, rles_to_boxes_xyxy
 from ...structures.nms import mask_nms
-from ...engine.oom import AdaptiveBatcher, default_is_oom
+from ...models.oom import AdaptiveBatcher, default_is_oom
 from ...models.weights import check_all, resolve_clip_weights, resolve_sam_checkpoint
 from .config import ZipConfig
 from .discovery import activation_mask, discover_instances, grid_boxes_to_image
 from .refine import tensor_to_host, zip_confidence
-from .. import GENERATORS
+from ..registry import GENERATORS
 from ..base import Generator, failed
 
 log = logging.getLogger(__name__)

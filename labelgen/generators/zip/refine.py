@@ -10,45 +10,19 @@ torch and segment_anything are imported inside the functions that need them, so
 from __future__ import annotations
 
 import contextlib
-import pickle
-from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from ...errors import GeneratorError, ValidationError, WeightsNotFoundError
-from ...engine.oom import AdaptiveBatcher
+from ...errors import GeneratorError, ValidationError
+from ...models.oom import AdaptiveBatcher
 from .config import SamConfig
 
 if TYPE_CHECKING:
     import torch
     from segment_anything.modeling import Sam
 
-# A SAM of the real classes, small enough for unit tests (~0.1 M parameters, 128 px input).
-# Constraints of segment_anything: prompt_embed_dim == encoder out_chans == decoder
-# transformer_dim; (transformer_dim / 2) % decoder_num_heads == 0 (attention downsample 2);
-# transformer_dim divisible by 8 (mask upscaling); (img_size / patch_size) % window_size == 0.
-TINY_SAM = {
-    "img_size": 128,
-    "patch_size": 16,
-    "encoder_embed_dim": 32,
-    "encoder_depth": 2,
-    "encoder_num_heads": 2,
-    "encoder_global_attn_indexes": (1,),
-    "window_size": 4,
-    "prompt_embed_dim": 32,
-    "mask_in_chans": 16,
-    "decoder_depth": 2,
-    "decoder_mlp_dim": 64,
-    "decoder_num_heads": 2,
-    "iou_head_hidden_dim": 32,
-}
-SAM_MODEL_TYPES = ("tiny", "vit_b", "vit_h", "vit_l")
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 STABILITY_OFFSET = 1.0  # logit offset of SAM's stability score
 MAX_BOXES_PER_CALL = 4096  # prompt boxes per mask-decoder call until one runs out of memory
 
@@ -110,89 +84,6 @@ def zip_confidence(clip_class_prob: np.ndarray, sam_predicted_iou: np.ndarray) -
 
 def _clip_unit(values: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0), 0.0, 1.0)
-
-
-def build_sam(model_type: str, checkpoint: Path | None, device: str = "cpu") -> "Sam":
-    """SAM of ``model_type`` (``vit_h``/``vit_l``/``vit_b``, or ``tiny`` for tests), eval mode, on ``device``.
-
-    Without ``checkpoint`` the weights are random. A checkpoint must be a plain state dict
-    (as the official ``sam_vit_*.pth`` files are); it is read with ``weights_only=True``
-    (no arbitrary pickled objects) and must match the architecture exactly.
-    """
-    if model_type not in SAM_MODEL_TYPES:
-        raise GeneratorError(f"unknown SAM model type {model_type!r}; expected one of {list(SAM_MODEL_TYPES)}")
-    if model_type == "tiny":
-        sam = _build_tiny_sam()
-    else:
-        from segment_anything import sam_model_registry
-
-        sam = sam_model_registry[model_type](checkpoint=None)
-    if checkpoint is not None:
-        state = _load_sam_state_dict(Path(checkpoint), model_type, sam)
-        try:
-            sam.load_state_dict(state, strict=True)
-        except RuntimeError as exc:  # same keys, different shapes
-            raise GeneratorError(
-                f"SAM checkpoint {checkpoint} does not fit the {model_type} architecture: {exc}"
-            ) from exc
-    return sam.eval().to(device)
-
-
-def _build_tiny_sam() -> "Sam":
-    import torch
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-    t = TINY_SAM
-    grid = t["img_size"] // t["patch_size"]
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            img_size=t["img_size"], patch_size=t["patch_size"], embed_dim=t["encoder_embed_dim"],
-            depth=t["encoder_depth"], num_heads=t["encoder_num_heads"], mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), qkv_bias=True, use_rel_pos=True,
-            global_attn_indexes=t["encoder_global_attn_indexes"], window_size=t["window_size"],
-            out_chans=t["prompt_embed_dim"],
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=t["prompt_embed_dim"], image_embedding_size=(grid, grid),
-            input_image_size=(t["img_size"], t["img_size"]), mask_in_chans=t["mask_in_chans"],
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(
-                depth=t["decoder_depth"], embedding_dim=t["prompt_embed_dim"],
-                mlp_dim=t["decoder_mlp_dim"], num_heads=t["decoder_num_heads"],
-            ),
-            transformer_dim=t["prompt_embed_dim"], iou_head_depth=3,
-            iou_head_hidden_dim=t["iou_head_hidden_dim"],
-        ),
-        pixel_mean=list(SAM_PIXEL_MEAN),
-        pixel_std=list(SAM_PIXEL_STD),
-    )
-
-
-def _load_sam_state_dict(path: Path, model_type: str, sam: "Sam") -> Mapping:
-    import torch
-
-    if not path.is_file():
-        raise WeightsNotFoundError(f"SAM {model_type} checkpoint not found: {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise GeneratorError(
-            f"refusing SAM checkpoint {path}: it holds objects other than tensors and plain containers"
-            f" (weights_only loading failed: {str(exc).splitlines()[0]}). Use the official sam_{model_type}"
-            " checkpoint or re-save a plain state_dict."
-        ) from exc
-    if not isinstance(state, Mapping):
-        raise GeneratorError(f"SAM checkpoint {path} must hold a state dict; got {type(state).__name__}")
-    expected = set(sam.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise GeneratorError(
-            f"SAM checkpoint {path} does not match the {model_type} architecture: {len(missing)} missing keys"
-            f" {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}. Check generator.sam.model_type."
-        )
-    return state
 
 
 class SamRefiner:
