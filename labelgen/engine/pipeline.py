@@ -27,6 +27,7 @@ from .decode import DEFAULT_MAX_FILE_BYTES, read_image_rgb
 from ..errors import ImageDecodeError, LabelgenError, ValidationError
 from ..generators import Generator
 from ..generators.base import failed
+from ..labelers.protocol import Labeler
 from ..structures.instances import ImageRecord, Instances
 from ..structures.scoring import ScoringConfig, with_combined_score
 
@@ -41,19 +42,22 @@ def label_images(
     images: ImagesConfig,
     *,
     scoring: ScoringConfig | None = None,
-    labeler: Any = None,
+    labeler: Labeler | None = None,
     batch_size: int = 1,
     overlap: bool = True,
     on_image: Callable[[int], None] | None = None,
 ) -> list[Row]:
     """One shard row per record, in order: ``{"image", "status": "ok", "instances"}`` or a failed row.
 
-    ``batch_size``: images per ``generate_batch`` call. ``overlap``: decode and finish on
+    ``batch_size``: images per ``generate_batch`` call; the one way the generator learns it
+    (``generator.batch_size`` is set to it before the first batch). ``overlap``: decode and finish on
     background threads (``False``: all inline, for debugging and benchmarks; same rows).
     ``on_image(1)`` is called as each row is done (from either thread, never two calls at once).
     """
     if batch_size < 1:
         raise ValidationError(f"batch_size must be >= 1, got {batch_size}")
+    if generator.batch_size != batch_size:  # only on a change: setting it restarts a generator's OOM back-off
+        generator.batch_size = batch_size
     rows: list[Row | None] = [None] * len(records)
     lock = threading.Lock()  # rows are done on two threads; on_image is never called concurrently
 
@@ -95,7 +99,7 @@ def _model_work(generator: Generator, images_rgb: Sequence[np.ndarray],
 class _Finisher:
     """An image's finisher -> frame check -> labeler -> combined score -> shard row."""
 
-    def __init__(self, labeler: Any, scoring: ScoringConfig | None, done: Callable[[int, Row], None]):
+    def __init__(self, labeler: Labeler | None, scoring: ScoringConfig | None, done: Callable[[int, Row], None]):
         self.labeler, self.scoring, self.done = labeler, scoring, done
 
     def __call__(self, index: int, record: ImageRecord, image_rgb: np.ndarray,

@@ -11,7 +11,7 @@ from ..atomic import store_write_error
 from .backends import ShardWork, backend_for
 from ..config import Recipe
 from ..errors import GeneratorError, LabelgenError, RunStoreError, StoreWriteError, WeightsNotFoundError
-from ..generators import GENERATORS
+from ..generators import GENERATORS, Generator
 from ..labelers.config import preflight as labeler_preflight
 from .sources import ImageSource
 from ..store.run_store import RunStore, ShardSpec
@@ -98,7 +98,7 @@ def _verified_plan(store: RunStore, fingerprint: str) -> Any:
     return plan
 
 
-def _preflight(generator_cls: Any, recipe: Recipe) -> None:
+def _preflight(generator_cls: type[Generator], recipe: Recipe) -> None:
     """Cheap checks (weights present) for the generator and the labeler, before any work starts.
 
     Every missing weight file of both is named in one ``WeightsNotFoundError`` (``weights.check_all``).

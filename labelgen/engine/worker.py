@@ -10,13 +10,14 @@ from typing import Any, Callable
 
 from ..config import ExecutionConfig, Recipe
 from ..generators import GENERATORS, Generator
+from ..labelers.protocol import Labeler
 from .pipeline import label_images
 from ..store.run_store import RunStore, ShardSpec, utc_now
 
 log = logging.getLogger(__name__)
 
 _GENERATORS: dict[tuple[str, str, str], Generator] = {}  # per process: (fingerprint, device, cache) -> generator
-_LABELERS: dict[tuple[str, str], Any] = {}  # per process: (fingerprint, device) -> ClipLabeler
+_LABELERS: dict[tuple[str, str], Labeler] = {}  # per process: (fingerprint, device) -> ClipLabeler
 
 
 def get_generator(recipe: Recipe) -> Generator:
@@ -32,8 +33,8 @@ def get_generator(recipe: Recipe) -> Generator:
 
 
 def _attach_feature_cache(generator: Generator, execution: ExecutionConfig) -> None:
-    """Give generators that support it (``feature_cache`` attribute) the configured cache."""
-    if execution.cache_dir and hasattr(generator, "feature_cache"):
+    """Give generators that use one (``Generator.uses_feature_cache``) the configured cache."""
+    if execution.cache_dir and generator.uses_feature_cache:
         from pathlib import Path
 
         from ..models.feature_cache import FeatureCache
@@ -41,7 +42,7 @@ def _attach_feature_cache(generator: Generator, execution: ExecutionConfig) -> N
         generator.feature_cache = FeatureCache(Path(execution.cache_dir), int(execution.cache_max_gb * 2**30))
 
 
-def get_labeler(recipe: Recipe) -> Any:
+def get_labeler(recipe: Recipe) -> Labeler | None:
     """The process's CLIP labeler for this recipe, or ``None`` when the recipe has none."""
     if recipe.labeler is None:
         return None
@@ -68,8 +69,6 @@ def process_shard(
 ) -> dict[str, Any]:
     """Label every image of ``shard`` and commit it. Returns the done record."""
     generator, labeler = get_generator(recipe), get_labeler(recipe)
-    if generator.batch_size != recipe.execution.batch_size:
-        generator.batch_size = recipe.execution.batch_size
     started, t0 = utc_now(), time.perf_counter()
     rows = label_images(generator, shard.images, recipe.images, scoring=recipe.scoring, labeler=labeler,
                         batch_size=recipe.execution.batch_size, on_image=on_image)

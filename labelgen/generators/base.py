@@ -3,25 +3,52 @@ from __future__ import annotations
 
 import abc
 import functools
-from typing import Any, Callable, ClassVar, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
 from ..structures.instances import ImageRecord, Instances
 
+if TYPE_CHECKING:
+    from ..models.feature_cache import FeatureCache
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    """The ``Config`` of a generator that takes no settings (its recipe section holds only ``name``)."""
+
 
 class Generator(abc.ABC):
-    """A mask generator.
+    """A mask generator: everything the engine uses is declared here, with a default.
 
-    Subclasses set ``name`` and ``Config`` (a frozen dataclass loaded strictly from the
-    recipe's ``generator`` section) and register themselves in ``GENERATORS``.
-    ``from_config`` loads models once; workers call it once per process and then
-    ``generate_batch`` on consecutive batches of the images of every shard they run.
+    Class attributes:
+
+    * ``name``: the registered name, set by ``@GENERATORS.register("name")`` (do not repeat it;
+      a different ``name`` on the class is a ``RegistryError``);
+    * ``Config``: a frozen dataclass loaded strictly from the recipe's ``generator`` section
+      (default ``NoConfig``: no settings);
+    * ``uses_feature_cache``: ``True`` when the generator reads and writes ``feature_cache``.
+
+    Instance attributes (execution settings the engine sets after ``from_config``):
+
+    * ``config``: the ``Config`` instance the generator was built from (``None`` until set);
+    * ``batch_size``: the most images one ``generate_batch`` call gets; ``label_images`` sets it
+      (from ``execution.batch_size``) before the first batch;
+    * ``feature_cache``: a ``FeatureCache`` or ``None``; set by the worker when the recipe has
+      ``execution.cache_dir`` and ``uses_feature_cache`` is ``True``.
+
+    ``preflight`` runs once before any worker starts; ``from_config`` loads models once per
+    worker process, which then calls ``generate_batch`` on consecutive batches of the images
+    of every shard it runs.
     """
 
-    name: ClassVar[str]
-    Config: ClassVar[type]
-    batch_size: int = 1  # images per encoder call; an execution setting the worker sets after building
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = NoConfig
+    uses_feature_cache: ClassVar[bool] = False
+    config: Any = None
+    batch_size: int = 1
+    feature_cache: "FeatureCache | None" = None
 
     @classmethod
     @abc.abstractmethod
@@ -68,7 +95,7 @@ class Generator(abc.ABC):
 
     def class_names(self) -> tuple[str, ...] | None:
         """Vocabulary that ``class_ids`` index into, or ``None`` when class-agnostic."""
-        return type(self).vocabulary(self.config) if hasattr(self, "config") else None
+        return None if self.config is None else type(self).vocabulary(self.config)
 
     @classmethod
     def vocabulary(cls, config: Any) -> tuple[str, ...] | None:

@@ -11,7 +11,7 @@ from ..errors import GeneratorError
 from ..registry import Registry
 from .base import Generator
 
-GENERATORS: Registry[type[Generator]] = Registry("generator")
+GENERATORS: Registry[type[Generator]] = Registry("generator", named=True)
 
 _LOADED: set[str] = set()
 

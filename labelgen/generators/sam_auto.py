@@ -113,7 +113,6 @@ CHECKPOINT_KEY = "generator.checkpoint"  # the recipe key named in missing-check
 
 @GENERATORS.register("sam-auto")
 class SamAutoGenerator(Generator):
-    name = "sam-auto"
     Config = SamAutoConfig
 
     def __init__(self, config: SamAutoConfig, mask_generator: Any, facts: dict[str, Any]):

@@ -1,1 +1,9 @@
-"""Labelers: give class names to any generator's instances (CLIP region labeler)."""
+"""Labelers: give class names to any generator's instances (CLIP region labeler).
+
+``Labeler`` (``labelgen.labelers.protocol``) is the contract the engine relies on.
+"""
+from __future__ import annotations
+
+from .protocol import Labeler
+
+__all__ = ["Labeler"]

@@ -37,7 +37,6 @@ class FakeConfig:
 class FakeGenerator(Generator):
     """Deterministic, model-free generator for tests and store benchmarks."""
 
-    name = "fake"
     Config = FakeConfig
 
     def __init__(self, config: FakeConfig):

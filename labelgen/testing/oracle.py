@@ -341,7 +341,6 @@ def _ground_truth(gt_root: str, split: str) -> ImportedDataset:
 class ZipOracleGenerator(ZipGenerator):
     """The real ``zip`` generator with ground-truth oracles for CLIP and SAM (test only)."""
 
-    name = "zip-oracle"
     Config = OracleConfig
 
     def __init__(self, config: OracleConfig):

@@ -63,8 +63,8 @@ class Proposals:
 
 @GENERATORS.register("zip")
 class ZipGenerator(Generator):
-    name = "zip"
     Config = ZipConfig
+    uses_feature_cache = True  # the three image encoders' outputs, keyed by image content
 
     def __init__(self, config: ZipConfig, semantic: Any, boundary: Any, refiner: Any, facts: dict[str, Any],
                  feature_cache: FeatureCache | None = None):
