@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="export labels to COCO, YOLO or a FiftyOne dataset")
     exp.add_argument("run_dir")
-    exp.add_argument("--format", required=True, choices=["coco", "yolo", "fiftyone"],
-                     help="coco: one annotations.json; yolo: a dataset folder (labels, data.yaml); fiftyone: a dataset")
+    exp.add_argument("--format", required=True, metavar="FORMAT", help=_export_formats_help())
+    exp.add_argument("--plugin", action="append", default=[], help="import MODULE first to register its exporters")
     exp.add_argument("--out", help="target folder (coco, yolo)")
     exp.add_argument("--dataset", help="FiftyOne dataset name (fiftyone)")
     exp.add_argument("--images-root", help="folder that exported file names are relative to (default: the source's)")
@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gens = sub.add_parser("generators", help="list the registered generators")
     gens.add_argument("--plugin", action="append", default=[], help="import MODULE first to register its generators")
+    exps = sub.add_parser("exporters", help="list the registered export formats (labelgen export --format NAME)")
+    exps.add_argument("--plugin", action="append", default=[], help="import MODULE first to register its exporters")
     _fill_in_help(sub)
     return parser
 
@@ -185,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"run": _cmd_run, "status": _cmd_status, "filter": _cmd_filter, "export": _cmd_export,
                     "review": _cmd_review, "pull": _cmd_pull, "import": _cmd_import, "generators": _cmd_generators,
+                    "exporters": _cmd_exporters,
                     "report": _cmd_report, "eval": _cmd_eval}
         return commands[args.command](args)
     except LabelgenError as exc:
@@ -339,37 +342,39 @@ def _sweep_values(text: str) -> list[float]:
                           f" got {text!r}") from None
 
 
+def _export_formats_help() -> str:
+    from .exports import EXPORTERS
+
+    formats = "; ".join(f"{name}: {EXPORTERS.get(name).summary}" for name in EXPORTERS.names())
+    return f"{formats}; or a plugin's format (--plugin MODULE; list them with `labelgen exporters`)"
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .errors import ConfigError
+    from .exports import EXPORTERS, export
     from .exports.source import open_export_source
+    from .generators import load_plugins
     from .postprocess.filter_config import load_filter_config
 
+    load_plugins(args.plugin)
+    EXPORTERS.get(args.format)  # an unknown format fails before the run is read
     filter_config = None
     if args.filter_config or args.overrides:
         filter_config = load_filter_config(args.filter_config, args.overrides)
     source = open_export_source(args.run_dir, filter_config=filter_config, filtered=args.filtered,
                                 reviewed=args.reviewed)
-    if args.format == "fiftyone":
-        from .exports.fiftyone import export_fiftyone
-        from .exports.source import log_incomplete
-
-        log_incomplete(source, "FiftyOne export")  # coco and yolo warn (and record it) themselves
-        report = export_fiftyone(source, args.dataset or f"labelgen-{source.run_id}")
-    else:
-        if not args.out:
-            raise ConfigError(f"--format {args.format} needs --out FOLDER")
-        if args.format == "coco":
-            from .exports.coco import export_coco
-
-            report = export_coco(source, args.out, images_root=args.images_root, mask_format=args.mask_format,
-                                 polygon_tolerance=args.polygon_tolerance)
-        else:
-            from .exports.yolo import export_yolo
-
-            report = export_yolo(source, args.out, task=args.task, multipart=args.multipart,
-                                 images=args.yolo_images, images_root=args.images_root)
+    report = export(args.format, source, _export_request(args))
     print(_report_text(report))
     return 0
+
+
+def _export_request(args: argparse.Namespace):
+    """The ``ExportRequest`` of ``labelgen export``'s options (format options keyed as exporters read them)."""
+    from .exports import ExportRequest
+
+    options = {"mask_format": args.mask_format, "polygon_tolerance": args.polygon_tolerance, "task": args.task,
+               "multipart": args.multipart, "images": args.yolo_images}
+    return ExportRequest(out=Path(args.out) if args.out else None, dataset=args.dataset,
+                        images_root=args.images_root, options=options)
 
 
 def _report_text(report) -> str:
@@ -469,6 +474,16 @@ def _cmd_generators(args: argparse.Namespace) -> int:
     load_plugins(args.plugin)
     for name in GENERATORS.names():
         print(name)
+    return 0
+
+
+def _cmd_exporters(args: argparse.Namespace) -> int:
+    from .exports import EXPORTERS
+    from .generators import load_plugins
+
+    load_plugins(args.plugin)
+    for name in EXPORTERS.names():
+        print(f"{name}\t{EXPORTERS.get(name).summary}")
     return 0
 
 
