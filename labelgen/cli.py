@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="export labels to COCO, YOLO or a FiftyOne dataset")
     exp.add_argument("run_dir")
     exp.add_argument("--format", required=True, metavar="FORMAT", help=_export_formats_help())
-    exp.add_argument("--plugin", action="append", default=[], help="import MODULE first to register its exporters")
+    exp.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                     help="import MODULE first to register its exporters")
     exp.add_argument("--out", help="target folder (coco, yolo)")
     exp.add_argument("--dataset", help="FiftyOne dataset name (fiftyone)")
     exp.add_argument("--images-root", help="folder that exported file names are relative to (default: the source's)")
@@ -151,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     gens = sub.add_parser("generators", help="list the registered generators")
     gens.add_argument("--plugin", action="append", default=[], help="import MODULE first to register its generators")
     exps = sub.add_parser("exporters", help="list the registered export formats (labelgen export --format NAME)")
-    exps.add_argument("--plugin", action="append", default=[], help="import MODULE first to register its exporters")
+    exps.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                      help="import MODULE first to register its exporters")
     _fill_in_help(sub)
     return parser
 
