@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="label a folder / list / COCO JSON of images into a run directory")
-    run.add_argument("recipe", help="recipe YAML (e.g. recipes/zip-paper.yaml) or a name in ./recipes/")
+    run.add_argument("recipe", help="recipe YAML (e.g. recipes/zip-paper.yaml) or a shipped recipe's name"
+                                    " (e.g. zip-cpu; `labelgen recipes` lists them)")
     run.add_argument("--images", required=True, help="image folder, list file (.txt) or COCO JSON")
     run.add_argument("--images-kind", default="auto", choices=["auto", "folder", "list", "coco"],
                      help="what --images is (default auto: a folder, a .txt list of paths, or a COCO .json)")
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="if --out holds a different run, move it to archive/ and start over")
     run.add_argument("--plugin", action="append", default=[], help="import MODULE to register generators")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub.add_parser("recipes", help="list the shipped recipes (labelgen run NAME) with their descriptions")
 
     status = sub.add_parser("status", help="shards done/pending/failed, images, instances, failures")
     status.add_argument("run_dir")
@@ -190,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands = {"run": _cmd_run, "status": _cmd_status, "filter": _cmd_filter, "export": _cmd_export,
                     "review": _cmd_review, "pull": _cmd_pull, "import": _cmd_import, "generators": _cmd_generators,
                     "exporters": _cmd_exporters,
-                    "report": _cmd_report, "eval": _cmd_eval}
+                    "report": _cmd_report, "eval": _cmd_eval, "recipes": _cmd_recipes}
         return commands[args.command](args)
     except LabelgenError as exc:
         print(f"labelgen: error: {exc}", file=sys.stderr)
@@ -210,10 +212,19 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _resolve_recipe(name: str) -> Path:
-    path = Path(name)
-    if not path.exists() and not path.suffix and (Path("recipes") / f"{name}.yaml").exists():
-        return Path("recipes") / f"{name}.yaml"
-    return path
+    from .config import find_recipe
+
+    return find_recipe(name)
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from .config import recipe_summary, shipped_recipes
+
+    recipes = shipped_recipes()
+    width = max((len(name) for name in recipes), default=0)
+    for name, path in recipes.items():
+        print(f"{name:<{width}}  {recipe_summary(path)}")
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -328,6 +328,48 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     return recipe_from_dict(apply_overrides(data, overrides), source=str(path))
 
 
+# -- shipped recipes (package data; recipes/ at the repository root links to this folder) -----------
+SHIPPED_RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes that ship with labelgen: ``{name: path}`` sorted by name (``zip-cpu`` for ``zip-cpu.yaml``)."""
+    return dict(sorted((path.stem, path) for path in SHIPPED_RECIPES.glob("*.yaml")))
+
+
+def recipe_summary(path: str | Path) -> str:
+    """The first line of a recipe's ``description`` ("" when it has none)."""
+    data = read_yaml_file(path)
+    description = data.get("description") if isinstance(data, dict) else None
+    lines = str(description).strip().splitlines() if description is not None else []
+    return lines[0].strip() if lines else ""
+
+
+def find_recipe(name: str | Path) -> Path:
+    """The recipe file that ``labelgen run NAME`` means.
+
+    An existing path wins; anything else with a folder in it, or another suffix than ``.yaml``, stays a
+    path (``load_recipe`` says it is not found). A bare name, with or without ``.yaml``, is looked for
+    in ``./recipes/``, then among the shipped recipes; an unknown one is a ``ConfigError`` that lists
+    the shipped names and suggests the nearest.
+    """
+    path = Path(name)
+    if path.exists() or path.parent != Path(".") or path.suffix not in ("", ".yaml"):
+        return path
+    stem = path.stem if path.suffix else path.name
+    local = Path("recipes") / f"{stem}.yaml"
+    if local.is_file():
+        return local
+    shipped = shipped_recipes()
+    if stem in shipped:
+        return shipped[stem]
+    close = difflib.get_close_matches(stem, list(shipped), n=1)
+    suggestion = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"recipe file not found: {name}, and no shipped recipe is named {stem!r}.{suggestion}"
+                      f" Shipped: {', '.join(shipped) or 'none'} (`labelgen recipes` describes them);"
+                      " or pass a YAML file, e.g. recipes/zip-paper.yaml")
+
+
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Return a deep copy of ``data`` with each ``a.b.c=value`` applied (value parsed as YAML).
 
