@@ -37,7 +37,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from labelgen import generators
+from labelgen.generators import registry as generators  # GENERATORS and the loaded plugins
 from labelgen.cli import main as cli_main
 from labelgen.store.status import run_status
 from labelgen.generators.zip.kmeans import kmeans
