@@ -185,6 +185,11 @@ def _fill_in_help(subcommands: argparse._SubParsersAction) -> None:
                 action.help = RUN_DIR_HELP
 
 
+# top-level modules of the optional extras (pyproject.toml): a core install names the extra to add
+_EXTRAS = {"torch": "models", "torchvision": "models", "open_clip": "models", "segment_anything": "models",
+           "fiftyone": "review", "ray": "cluster"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
@@ -196,6 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands[args.command](args)
     except LabelgenError as exc:
         print(f"labelgen: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # a core install running what needs an extra
+        extra = _EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"labelgen: error: {exc}: this needs the `{extra}` extra (pip install \"labelgen[{extra}]\","
+              f" or -e \".[{extra}]\" in a checkout)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("labelgen: interrupted; committed shards are kept. Rerun the same command to resume.", file=sys.stderr)

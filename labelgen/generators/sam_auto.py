@@ -123,7 +123,9 @@ class SamAutoGenerator(Generator):
     # -- building -----------------------------------------------------------------------
     @classmethod
     def preflight(cls, config: SamAutoConfig) -> None:
-        """Fail at once, before any worker starts, when the SAM checkpoint is missing."""
+        """Fail at once, before any worker starts, when the SAM checkpoint (or the `models` extra) is missing."""
+        import segment_anything  # noqa: F401  a core install stops here, before a run directory exists
+
         if config.random_weights:
             log.warning("sam-auto: RANDOM WEIGHTS requested: the real SAM architecture with random weights."
                         " The labels will be MEANINGLESS (smoke test only).")

@@ -146,7 +146,9 @@ def class_prompts(config: LabelerConfig) -> tuple[tuple[str, ...], ...]:
 
 
 def preflight(config: LabelerConfig) -> None:
-    """Fail early, before models load, when the CLIP weights cannot be found."""
+    """Fail early, before models load, when the CLIP weights (or the `models` extra) cannot be found."""
+    import open_clip  # noqa: F401  a core install stops here, before a run directory exists
+
     if config.random_weights:
         return
     from ..models.weights import resolve_clip_weights
