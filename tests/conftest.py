@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -10,6 +11,10 @@ from labelgen.testing.images import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 COCO128 = Path(os.environ.get("LABELGEN_COCO128", REPO.parent / "shared" / "assets" / "data" / "coco128-seg"))
+# the `models` extra (pyproject.toml); a core install (`pip install -e ".[dev]"`) skips what needs it
+MODEL_LIBRARIES = ("torch", "open_clip", "segment_anything")
+needs_models = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in MODEL_LIBRARIES),
+                                  reason="needs the `models` extra (torch, open_clip, segment-anything)")
 
 
 def make_recipe(*overrides, **generator):
@@ -29,6 +34,14 @@ def coco128_images():
     if not folder.is_dir():
         pytest.skip(f"coco128-seg not found at {COCO128} (set LABELGEN_COCO128)")
     return folder
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """torch sees no CUDA device, whatever this machine has (for the tests of that error)."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,11 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import REPO
+pytest.importorskip("torch")  # the Zip encoders: the `models` extra
+pytest.importorskip("open_clip")
+pytest.importorskip("segment_anything")
+
+from conftest import REPO  # noqa: E402
 from labelgen.config import load_recipe
 from labelgen.engine.decode import read_image_rgb
 from labelgen.errors import ValidationError

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import needs_models
 from labelgen.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +83,7 @@ def test_fake_generator_is_not_available_without_the_plugin(tmp_path, image_dir)
 
 @pytest.mark.skipif(shutil.which("labelgen") is None and not (Path(sys.executable).parent / "labelgen").exists(),
                     reason="console script not installed")
+@needs_models
 def test_default_job_without_weights_stops_at_once_with_a_clear_message(tmp_path, coco128_images):
     """The README's main job on a machine without weights: exit 2, names the file, writes nothing."""
     script = Path(sys.executable).parent / "labelgen"
@@ -165,6 +167,7 @@ def _tiny_run_stderr(tmp_path, image_dir, *flags):
     return [line for line in done.stderr.splitlines() if line.startswith(("INFO ", "DEBUG "))]
 
 
+@needs_models
 def test_model_library_info_messages_are_hidden_unless_verbose(tmp_path, image_dir):
     """open_clip logs several INFO lines per model it builds (on the root logger): not by default, yes with -v."""
     quiet = _tiny_run_stderr(tmp_path, image_dir)

@@ -6,7 +6,7 @@ import typing
 import pytest
 
 import labelgen.testing  # noqa: F401  registers the fake generator
-from conftest import REPO
+from conftest import REPO, needs_models
 from labelgen.cli import main
 from labelgen.config import (ExecutionConfig, ImagesConfig, Recipe, StoreConfig, apply_overrides, load_recipe,
                              recipe_from_dict)
@@ -269,8 +269,10 @@ def test_sam_model_types_match_the_models_that_can_be_built():
 # -- nothing is written before the values are checked ------------------------------------------------
 @pytest.mark.parametrize("recipe, bad, good", [
     ("fake-smoke.yaml", "generator.instances_per_image=-1", "generator.instances_per_image=2"),
-    ("zip-tiny-random.yaml", "generator.sam.model_type=vit_z", "generator.sam.model_type=tiny"),
-    ("zip-tiny-random.yaml", "generator.semantic.surgery_depth=9", "generator.semantic.surgery_depth=6"),
+    pytest.param("zip-tiny-random.yaml", "generator.sam.model_type=vit_z", "generator.sam.model_type=tiny",
+                 marks=needs_models),
+    pytest.param("zip-tiny-random.yaml", "generator.semantic.surgery_depth=9", "generator.semantic.surgery_depth=6",
+                 marks=needs_models),
 ])
 def test_a_bad_value_writes_nothing_and_the_fixed_recipe_then_runs(tmp_path, image_dir, capsys, recipe, bad, good):
     out = tmp_path / "run"

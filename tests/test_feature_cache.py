@@ -10,6 +10,7 @@ import struct
 import numpy as np
 import pytest
 
+from conftest import needs_models
 from labelgen.errors import GeneratorError, ValidationError
 from labelgen.models.feature_cache import MAGIC, TMP_MARK, FeatureCache, cache_key
 
@@ -315,6 +316,7 @@ def _load(coco128_images, name=TINY_IMAGE):
 
 
 @pytest.mark.parametrize("overrides", [(), ("generator.boundary.init=semantic",), ("generator.precision=bf16",)])
+@needs_models
 def test_zip_cached_output_is_identical_to_uncached(tmp_path, coco128_images, overrides):
     image, record = _load(coco128_images)
     uncached = _zip(*overrides).generate(image, record).to_dict()
@@ -330,6 +332,7 @@ def test_zip_cached_output_is_identical_to_uncached(tmp_path, coco128_images, ov
     assert first == second == uncached
 
 
+@needs_models
 def test_another_vocabulary_reuses_the_encoders(tmp_path, coco128_images):
     image, record = _load(coco128_images)
     warm = _zip()
@@ -345,6 +348,7 @@ def test_another_vocabulary_reuses_the_encoders(tmp_path, coco128_images):
     assert len(uncached["masks_rle"]) > 0 and out == uncached
 
 
+@needs_models
 def test_cache_keys_follow_encoder_settings_only():
     from labelgen.config import load_recipe
     from labelgen.generators.zip.generator import ZipGenerator
@@ -380,6 +384,7 @@ def test_cache_keys_follow_encoder_settings_only():
     assert all(keys(facts=on_gpu)[k] != base[k] for k in base)
 
 
+@needs_models
 def test_weights_identity(tmp_path):
     from labelgen.generators.zip.generator import weights_identity
 
@@ -405,6 +410,7 @@ def test_sam_embedding_survives_bfloat16():
         assert back.dtype == tensor.dtype and torch.equal(back, tensor)
 
 
+@needs_models
 def test_run_with_cache_dir_reuses_encoder_outputs_and_gives_identical_rows(tmp_path):
     """`execution.cache_dir` through `labelgen run`: a second run (another vocabulary) hits the cache."""
     from conftest import COCO128, REPO

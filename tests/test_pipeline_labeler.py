@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 
-from conftest import make_recipe
+from conftest import make_recipe, needs_models
 from labelgen.engine.runner import run
 from labelgen.engine.sources import FolderSource
 from labelgen.store.run_store import RunStore
@@ -12,6 +12,7 @@ LABELER = ["labeler.model=labelgen-tiny-vit", "labeler.random_weights=true", "la
            "labeler.classes={cat: [cat, kitten], dog: [], person: [person, pedestrian]}"]
 
 
+@needs_models
 def test_labeler_names_fake_instances_and_is_recorded(tmp_path, image_dir):
     recipe = make_recipe(*LABELER)
     assert recipe.class_names() == ("cat", "dog", "person")

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, needs_models
 from labelgen.models import weights
 from labelgen.config import load_recipe, recipe_from_dict
 from labelgen.engine.decode import read_image_rgb
@@ -53,6 +53,7 @@ def _check_instances(out, height, width):
     assert np.all(iou[:-1] >= iou[1:]), "sorted by predicted IoU, descending"
 
 
+@needs_models
 def test_instances_are_in_the_frame_of_a_non_square_image(tiny_generator, coco128_images):
     image, record = _image(coco128_images)
     out = tiny_generator.generate(image, record)
@@ -65,6 +66,7 @@ def test_instances_are_in_the_frame_of_a_non_square_image(tiny_generator, coco12
     assert tiny_generator.class_names() is None
 
 
+@needs_models
 def test_same_image_same_config_identical_outputs(coco128_images):
     config = _tiny_config("box_nms_thresh=1.0")  # no NMS: all 8*8*3 random masks, many ties to order
     image, record = _image(coco128_images)
@@ -103,6 +105,7 @@ def _disk_decoder(predictor, radius=30.0):
     predictor.predict_torch = predict_torch
 
 
+@needs_models
 def test_crop_layers_add_crop_boxes_inside_the_image(coco128_images):
     generator = SamAutoGenerator.from_config(_tiny_config("crop_n_layers=1", "points_per_side=4"))
     _disk_decoder(generator.mask_generator.predictor)
@@ -115,6 +118,7 @@ def test_crop_layers_add_crop_boxes_inside_the_image(coco128_images):
         assert mask[y1:y2, x1:x2].sum() == mask.sum(), "each mask lies inside its crop"
 
 
+@needs_models
 def test_boxes_are_tight_with_exclusive_x2_y2(coco128_images):
     generator = SamAutoGenerator.from_config(_tiny_config("points_per_side=4"))
     _disk_decoder(generator.mask_generator.predictor)
@@ -127,6 +131,7 @@ def test_boxes_are_tight_with_exclusive_x2_y2(coco128_images):
         assert mask[int(y), int(x)], "the prompt point lies in its disk"
 
 
+@needs_models
 def test_bf16_and_small_region_removal_run(coco128_images):
     generator = SamAutoGenerator.from_config(_tiny_config("precision=bf16", "min_mask_region_area=50"))
     image, record = _image(coco128_images)
@@ -135,6 +140,7 @@ def test_bf16_and_small_region_removal_run(coco128_images):
     assert len(out) > 0 and generator.provenance()["precision"] == "bf16"
 
 
+@needs_models
 def test_no_mask_gives_empty_columns(tiny_generator, coco128_images, monkeypatch):
     monkeypatch.setattr(tiny_generator.mask_generator, "generate", lambda image: [])
     image, record = _image(coco128_images)
@@ -144,12 +150,14 @@ def test_no_mask_gives_empty_columns(tiny_generator, coco128_images, monkeypatch
     assert set(out.attributes) == {"point_xy", "crop_box_xyxy"}
 
 
+@needs_models
 def test_bad_image_is_a_validation_error(tiny_generator):
     with pytest.raises(ValidationError, match=r"\(H, W, 3\) uint8"):
         tiny_generator.generate(np.zeros((4, 4), np.uint8), ImageRecord("x", "/x", 4, 4))
 
 
 # -- config ------------------------------------------------------------------------------
+@needs_models
 def test_recipe_defaults_are_sams_own():
     recipe = recipe_from_dict({"generator": {"name": "sam-auto", "points_per_side": 16}})
     assert isinstance(recipe.generator.params, SamAutoConfig)
@@ -180,6 +188,7 @@ def test_config_is_strict(generator, message):
 
 
 # -- weights ------------------------------------------------------------------------------
+@needs_models
 def test_preflight_offline_names_the_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("LABELGEN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(weights, "_resolves", lambda host: False)
@@ -195,18 +204,20 @@ def test_preflight_offline_names_the_checkpoint(tmp_path, monkeypatch):
         SamAutoGenerator.from_config(SamAutoConfig(model_type="vit_b", allow_download=False))
 
 
+@needs_models
 def test_random_weights_skip_preflight_loudly(caplog):
     with caplog.at_level(logging.WARNING):
         SamAutoGenerator.preflight(_tiny_config())
     assert "RANDOM WEIGHTS" in caplog.text
 
 
-def test_missing_cuda_is_a_clear_error():
+def test_missing_cuda_is_a_clear_error(no_cuda):
     with pytest.raises(GeneratorError, match="no CUDA device"):
         SamAutoGenerator.from_config(_tiny_config(), device="cuda:0")
 
 
 # -- end to end ----------------------------------------------------------------------------
+@needs_models
 def test_tiny_recipe_through_labelgen_run_gives_a_valid_run_directory(tmp_path, coco128_images):
     names = [IMAGE, "000000000025.jpg"]
     listing = tmp_path / "list.txt"
@@ -226,6 +237,7 @@ def test_tiny_recipe_through_labelgen_run_gives_a_valid_run_directory(tmp_path, 
 
 
 @pytest.mark.slow
+@needs_models
 def test_real_vit_b_architecture_with_random_weights(coco128_images):
     """SAM ViT-B (1024 px encoder) with random weights on one real image, 4x4 points, precision auto: bf16
     where the CPU runs it natively, fp32 elsewhere (emulated bf16 on a 1024 px ViT-B is ~10x slower)."""

@@ -4,6 +4,7 @@ import hashlib
 import pytest
 
 import labelgen.models.weights as weights
+from conftest import needs_models
 from labelgen.config import recipe_from_dict
 from labelgen.errors import WeightsNotFoundError
 from labelgen.generators import GENERATORS
@@ -42,8 +43,10 @@ def test_cached_sam_checkpoint_is_checked_against_its_sha256(offline, monkeypatc
         (lambda: weights.resolve_sam_checkpoint("vit_x"), "expected one of ['vit_b', 'vit_h', 'vit_l']"),
         (lambda: weights.resolve_sam_checkpoint("vit_b", "/no/such/sam.pth"), "/no/such/sam.pth does not exist"),
         (lambda: weights.resolve_clip_weights("RN50", "/no/such/clip.pt"), "/no/such/clip.pt does not exist"),
-        (lambda: weights.resolve_clip_weights("ViT-B-16", "no-such-tag"), "known tags: ['openai'"),
-        (lambda: weights.resolve_clip_weights("ViT-B-16", "openai"), "not cached and huggingface.co is not reachable"),
+        pytest.param(lambda: weights.resolve_clip_weights("ViT-B-16", "no-such-tag"), "known tags: ['openai'",
+                     marks=needs_models),
+        pytest.param(lambda: weights.resolve_clip_weights("ViT-B-16", "openai"),
+                     "not cached and huggingface.co is not reachable", marks=needs_models),
     ],
 )
 def test_clear_errors(offline, call, message):
@@ -59,6 +62,7 @@ def test_local_files_are_used_as_given(tmp_path):
     assert weights.resolve_clip_weights("RN50", str(path)) == path
 
 
+@needs_models
 def test_zip_preflight_needs_weights_unless_random_weights_is_asked_for(offline, caplog):
     zip_cls = GENERATORS.get("zip")
     recipe = recipe_from_dict({"generator": {"name": "zip"}})
@@ -69,6 +73,7 @@ def test_zip_preflight_needs_weights_unless_random_weights_is_asked_for(offline,
     assert "RANDOM WEIGHTS" in caplog.text
 
 
+@needs_models
 def test_paper_recipe_without_weights_lists_every_missing_file_at_once(offline, monkeypatch):
     """One error naming ViT-B-16, RN50x64 and SAM vit_h, each with how to supply it (not one per attempt)."""
     from pathlib import Path
@@ -88,6 +93,7 @@ def test_paper_recipe_without_weights_lists_every_missing_file_at_once(offline, 
     assert len(info.value.missing) == 3 and all(isinstance(e, WeightsNotFoundError) for e in info.value.missing)
 
 
+@needs_models
 def test_run_preflight_adds_the_labeler_weights_and_writes_nothing(offline, monkeypatch, tmp_path, image_dir):
     from labelgen.config import apply_overrides
     from labelgen.engine.runner import run

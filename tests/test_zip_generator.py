@@ -4,7 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from conftest import REPO
+pytest.importorskip("torch")  # the Zip generator: the `models` extra
+pytest.importorskip("open_clip")
+pytest.importorskip("segment_anything")
+
+from conftest import REPO  # noqa: E402
 from labelgen.config import apply_overrides, load_recipe, recipe_from_dict
 from labelgen.engine.decode import read_image_rgb
 from labelgen.errors import GeneratorError
@@ -120,7 +124,7 @@ def test_cross_class_duplicates_are_removed_by_mask_nms(tiny_generator, coco128_
     assert set(out.class_ids.tolist()) <= {0, 1}
 
 
-def test_missing_cuda_is_a_clear_error():
+def test_missing_cuda_is_a_clear_error(no_cuda):
     with pytest.raises(GeneratorError, match="no CUDA device"):
         GENERATORS.get("zip").from_config(_tiny().generator.params, device="cuda:0")
 
