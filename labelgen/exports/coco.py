@@ -40,6 +40,7 @@ from .. import __version__
 from ..atomic import EXPORT_NOTE, atomic_file, create_temp, json_bytes, store_write_error, write_json_atomic
 from ..errors import ExportError
 from ..structures.instances import Instances
+from ..structures.masks import rle_to_pycocotools
 from .paths import export_lock, relative_to_root, remove_stale_export_temps, safe_join
 from .polygons import mask_to_polygons, polygons_iou
 from .source import ExportItem, ExportSource, log_incomplete
@@ -180,8 +181,8 @@ class _CocoWriter:
         if instances is None or not len(instances):
             return
         category_ids = self._category_ids(instances, item)
-        areas = coco_mask.area([_to_coco(r) for r in instances.masks_rle])
-        boxes = coco_mask.toBbox([_to_coco(r) for r in instances.masks_rle])
+        areas = coco_mask.area([rle_to_pycocotools(r) for r in instances.masks_rle])
+        boxes = coco_mask.toBbox([rle_to_pycocotools(r) for r in instances.masks_rle])
         for i, rle in enumerate(instances.masks_rle):
             if areas[i] == 0:
                 self.report.skipped_empty_masks += 1
@@ -208,7 +209,7 @@ class _CocoWriter:
     def _segmentation(self, rle: dict, instances: Instances, item: ExportItem) -> Any:
         if self.mask_format == "rle":
             return {"size": list(rle["size"]), "counts": rle["counts"]}
-        mask = coco_mask.decode(_to_coco(rle)).astype(bool)
+        mask = coco_mask.decode(rle_to_pycocotools(rle)).astype(bool)
         polygons = mask_to_polygons(mask)
         iou = polygons_iou(polygons, rle, instances.height, instances.width)
         self._note_iou(iou, item)
@@ -254,10 +255,6 @@ def _concatenate(target: Path, head: dict[str, Any], parts: list[Path]) -> None:
 def _line(entry: dict[str, Any], first: bool) -> bytes:
     data = json_bytes(entry, separators=(",", ":"))  # non-UTF-8 file names are written \\udcXX-escaped
     return data if first else b",\n" + data
-
-
-def _to_coco(rle: dict) -> dict:
-    return {"size": list(rle["size"]), "counts": rle["counts"].encode("ascii")}
 
 
 __all__ = ["CocoExportReport", "export_coco", "mask_to_polygons", "polygons_iou"]

@@ -14,10 +14,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as coco_mask
 
-
-def _rle_to_coco(rle: dict) -> dict:
-    counts = rle["counts"]
-    return {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+from ..structures.masks import rle_to_pycocotools
 
 
 def mask_to_polygons(mask: np.ndarray) -> list[list[float]]:
@@ -48,7 +45,7 @@ def polygons_iou(polygons: list[list[float]], rle: dict, height: int, width: int
     if not polygons:
         return 0.0
     rasterised = coco_mask.merge(coco_mask.frPyObjects(polygons, height, width))
-    return float(coco_mask.iou([rasterised], [_rle_to_coco(rle)], [0])[0][0])
+    return float(coco_mask.iou([rasterised], [rle_to_pycocotools(rle)], [0])[0][0])
 
 
 def mask_parts(mask: np.ndarray) -> tuple[list[np.ndarray], list[int], int]:

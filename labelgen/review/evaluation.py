@@ -53,6 +53,7 @@ from ..exports.source import ExportSource, open_export_source
 from ..postprocess.filter_config import FilterConfig
 from ..exports.importers import image_size, import_yolo
 from ..structures.instances import ImageRecord, Instances
+from ..structures.masks import rle_to_json, rle_to_pycocotools
 
 IOU_TYPES = ("segm", "bbox")
 UNMATCHED_LISTED = 20  # prediction images not in the ground truth listed by name (all are counted)
@@ -185,7 +186,7 @@ def _gt_from_coco_json(path: Path) -> GroundTruth:
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ExportError(f"{path}: annotation {ann.get('id')} has no usable segmentation: {exc}") from None
         annotations.append({"image_id": number_of[ann["image_id"]], "class": categories[ann["category_id"]],
-                            "segmentation": _str_rle(rle), "iscrowd": int(bool(ann.get("iscrowd"))),
+                            "segmentation": rle_to_json(rle), "iscrowd": int(bool(ann.get("iscrowd"))),
                             "bbox": [float(v) for v in ann.get("bbox") or coco_mask.toBbox(rle)],
                             "area": float(ann["area"] if ann.get("area") is not None else coco_mask.area(rle))})
     return GroundTruth({"kind": "coco", "path": str(path)}, tuple(categories.values()) or None, tuple(images),
@@ -396,23 +397,12 @@ def _instance_rows(instances: Instances) -> list[tuple[dict, list[float], float,
     """Per instance: (RLE with str counts, bbox XYWH from ``boxes_xyxy``, mask area, class id or None)."""
     if not len(instances):
         return []
-    areas = coco_mask.area([_bytes_rle(r) for r in instances.masks_rle])
+    areas = coco_mask.area([rle_to_pycocotools(r) for r in instances.masks_rle])
     boxes = np.asarray(instances.boxes_xyxy, dtype=np.float64).copy()
     boxes[:, 2:] -= boxes[:, :2]
     ids = instances.class_ids
     return [({"size": list(rle["size"]), "counts": rle["counts"]}, boxes[i].tolist(), float(areas[i]),
              None if ids is None else int(ids[i])) for i, rle in enumerate(instances.masks_rle)]
-
-
-def _bytes_rle(rle: Mapping[str, Any]) -> dict:  # what pycocotools' C functions read
-    counts = rle["counts"]
-    return {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-
-
-def _str_rle(rle: Mapping[str, Any]) -> dict:  # what JSON and labelgen hold
-    counts = rle["counts"]
-    return {"size": [int(v) for v in rle["size"]], "counts": counts.decode("ascii") if isinstance(counts, bytes)
-            else counts}
 
 
 def _coco_ground_truth(truth: GroundTruth, category_of: dict | None, categories: list[str]) -> COCO:

@@ -30,7 +30,7 @@ def masks_to_rles(masks: np.ndarray) -> list[RLE]:
         return []
     fortran = np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8, copy=False))
     encoded = coco_mask.encode(fortran)
-    return [_normalise_rle(rle) for rle in encoded]
+    return [rle_to_json(rle) for rle in encoded]
 
 
 def mask_to_rle(mask: np.ndarray) -> RLE:
@@ -45,7 +45,7 @@ def rles_to_masks(rles: Sequence[RLE], height: int, width: int) -> np.ndarray:
     """Decode RLEs to ``(N, H, W)`` bool; an empty list gives ``(0, H, W)``."""
     if len(rles) == 0:
         return np.zeros((0, height, width), dtype=bool)
-    decoded = coco_mask.decode([_to_coco(r) for r in rles])  # (H, W, N) uint8
+    decoded = coco_mask.decode([rle_to_pycocotools(r) for r in rles])  # (H, W, N) uint8
     return np.ascontiguousarray(decoded.transpose(2, 0, 1)).astype(bool)
 
 
@@ -53,14 +53,14 @@ def rle_areas(rles: Sequence[RLE]) -> np.ndarray:
     """Pixel counts, ``(N,)`` int64."""
     if len(rles) == 0:
         return np.zeros((0,), dtype=np.int64)
-    return np.asarray(coco_mask.area([_to_coco(r) for r in rles]), dtype=np.int64)
+    return np.asarray(coco_mask.area([rle_to_pycocotools(r) for r in rles]), dtype=np.int64)
 
 
 def rles_to_boxes_xyxy(rles: Sequence[RLE]) -> np.ndarray:
     """Tight boxes of the masks, ``(N, 4)`` float32 XYXY absolute pixels (empty mask -> zeros)."""
     if len(rles) == 0:
         return np.zeros((0, 4), dtype=np.float32)
-    xywh = np.asarray(coco_mask.toBbox([_to_coco(r) for r in rles]), dtype=np.float32)
+    xywh = np.asarray(coco_mask.toBbox([rle_to_pycocotools(r) for r in rles]), dtype=np.float32)
     return boxes_xywh_to_xyxy(xywh)
 
 
@@ -88,9 +88,7 @@ def validate_rle(rle: Any, height: int, width: int, where: str) -> RLE:
         raise ValidationError(
             f"{where}: RLE size must equal the image frame [height, width] = [{height}, {width}]; got {size}"
         )
-    counts = rle["counts"]
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
+    counts = rle_to_json(rle)["counts"]
     if not isinstance(counts, str):
         raise ValidationError(
             f"{where}: RLE counts must be compressed (str/bytes); got {type(counts).__name__}."
@@ -99,14 +97,17 @@ def validate_rle(rle: Any, height: int, width: int, where: str) -> RLE:
     return {"size": size, "counts": counts}
 
 
-def _normalise_rle(rle: dict) -> RLE:
+# -- the two forms of a compressed RLE: str counts (JSON, labelgen) and bytes counts (pycocotools) --
+def rle_to_json(rle: dict) -> RLE:
+    """``{"size": [h, w] (ints), "counts": str}``: an RLE as JSON and labelgen hold it (bytes counts,
+    as pycocotools returns them, are decoded; other counts are left for the caller to refuse)."""
     counts = rle["counts"]
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
+    return {"size": [int(v) for v in rle["size"]], "counts": counts.decode("ascii") if isinstance(counts, bytes)
+            else counts}
 
 
-def _to_coco(rle: RLE) -> dict:
+def rle_to_pycocotools(rle: dict) -> dict:
+    """``{"size": [h, w], "counts": bytes}``: an RLE as pycocotools' C functions read it."""
     counts = rle["counts"]
     return {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 

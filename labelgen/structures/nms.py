@@ -16,7 +16,7 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from ..errors import ValidationError
-from .masks import RLE, _to_coco, rle_areas
+from .masks import RLE, rle_areas, rle_to_pycocotools
 
 
 def pairwise_intersections(rles_a: Sequence[RLE], rles_b: Sequence[RLE]) -> np.ndarray:
@@ -28,8 +28,8 @@ def pairwise_intersections(rles_a: Sequence[RLE], rles_b: Sequence[RLE]) -> np.n
     _check_one_frame(list(rles_a) + list(rles_b))
     if len(rles_a) == 0 or len(rles_b) == 0:
         return np.zeros((len(rles_a), len(rles_b)), dtype=np.float64)
-    coco_a = [_to_coco(r) for r in rles_a]
-    coco_b = [_to_coco(r) for r in rles_b]
+    coco_a = [rle_to_pycocotools(r) for r in rles_a]
+    coco_b = [rle_to_pycocotools(r) for r in rles_b]
     over_a = np.asarray(coco_mask.iou(coco_a, coco_b, [1] * len(coco_b)), dtype=np.float64)
     over_a = over_a.reshape(len(coco_a), len(coco_b))
     areas_a = rle_areas(rles_a).astype(np.float64)
