@@ -8,6 +8,9 @@ Temp files are named ``NAME.tmp-PID-RANDOM`` and created exclusively (``O_CREAT 
 O_NOFOLLOW``): a file or symlink planted at a predictable name is never opened, so a write can
 never be redirected outside its folder. The final ``os.replace`` replaces a symlink at the
 target itself, never the file it points to.
+
+Whole folders (a filtered or reviewed copy, an imported run, a YOLO split) are replaced the same
+way by ``staged_folder``: built under ``.NAME.tmp-PID-RANDOM`` beside ``NAME``, then swapped in.
 """
 from __future__ import annotations
 
@@ -18,13 +21,15 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import stat
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from .errors import StoreWriteError
 
 TMP_MARK = ".tmp-"
+OLD_MARK = ".old-"  # a replaced folder, moved aside by ``staged_folder`` until it is deleted
 STORE_NOTE = "Already committed shards are intact."
 EXPORT_NOTE = "The export was not finished; an earlier export in that folder, if any, is unchanged."
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -91,7 +96,12 @@ def atomic_file(path: Path, what: str, *, durable: bool = True, note: str = STOR
     A symlink at ``path`` is replaced by the file, never written through."""
     path = Path(path)
     tmp: Path | None = None
-    try:
+
+    def discard() -> None:
+        if tmp is not None:
+            _unlink_quietly(tmp)
+
+    with _on_failure(discard, path, what, note):
         handle, tmp = create_temp(path)
         with handle:
             yield handle
@@ -102,13 +112,19 @@ def atomic_file(path: Path, what: str, *, durable: bool = True, note: str = STOR
         tmp = None
         if durable:
             fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def _on_failure(discard: Callable[[], None], target: Path, what: str, note: str) -> Iterator[None]:
+    """Call ``discard()`` (remove the temp file or folder) if the block raises; an ``OSError``
+    becomes a ``StoreWriteError`` about ``target``."""
+    try:
+        yield
     except OSError as exc:
-        if tmp is not None:
-            _unlink_quietly(tmp)
-        raise store_write_error(exc, path, what, note=note) from exc
+        discard()
+        raise store_write_error(exc, target, what, note=note) from exc
     except BaseException:
-        if tmp is not None:
-            _unlink_quietly(tmp)
+        discard()
         raise
 
 
@@ -195,6 +211,102 @@ def remove_stale_temps(folder: Path, prefixes: tuple[str, ...] | None = None) ->
         except OSError:
             continue
     return removed
+
+
+# -- whole folders --------------------------------------------------------------------------------
+@contextlib.contextmanager
+def staged_folder(final: Path, what: str, *, finish: Callable[[Path], None] | None = None,
+                  note: str = STORE_NOTE) -> Iterator[Path]:
+    """Build the folder ``final`` in a new hidden folder beside it; swap it into place on success.
+
+    Yields the new folder, ``.NAME.tmp-PID-RANDOM`` (an unpredictable name, created exclusively: never
+    one planted in advance). On a clean exit ``finish(folder)`` runs last (e.g. writing a
+    ``checksums.json`` of what the body wrote), then the folder replaces ``final`` (``swap_into_place``).
+    On any error it is removed and an existing ``final`` is left as it was. Leftovers of writers that
+    no longer run are removed first (``remove_staged_leftovers``). OS errors become ``StoreWriteError``
+    (``note``: its last sentence).
+    """
+    final, tmp = Path(final), None
+
+    def discard() -> None:
+        if tmp is not None:
+            remove_tree(tmp)
+
+    remove_staged_leftovers(final)
+    with _on_failure(discard, final, what, note):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_folder(final)
+        yield tmp
+        if finish is not None:
+            finish(tmp)
+        swap_into_place(tmp, final)
+
+
+def _new_folder(final: Path) -> Path:
+    for _ in range(16):
+        folder = final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(8)}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:  # 64 random bits taken: try another name
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temp folder name", str(final))
+
+
+def swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` (or a link there) is moved aside first, then deleted."""
+    old = final.with_name(f".{final.name}{OLD_MARK}{os.getpid()}-{secrets.token_hex(8)}")
+    if final.exists() or final.is_symlink():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+    remove_tree(old)
+
+
+def remove_staged_leftovers(final: Path, *, any_writer: bool = False) -> int:
+    """Delete the temp and old folders of ``final`` (``.NAME.tmp-*``, ``.NAME.old-*``) left by killed
+    writers; return how many. By default only those whose writer pid no longer runs (or is this
+    process); ``any_writer``: all of them, for a caller holding the lock every writer holds."""
+    try:
+        names = [] if final.parent.is_symlink() else os.listdir(final.parent)
+    except OSError:
+        return 0
+    prefixes = tuple(f".{final.name}{mark}" for mark in (TMP_MARK, OLD_MARK))
+    removed = 0
+    for name in names:
+        if name.startswith(prefixes) and (any_writer or _writer_gone(name)):
+            remove_tree(final.parent / name)
+            removed += 1
+    return removed
+
+
+def _writer_gone(name: str) -> bool:
+    """Whether the pid in a staged folder's name is this process or one that no longer runs."""
+    pid = temp_pid(name.replace(OLD_MARK, TMP_MARK))
+    return pid is not None and (pid == os.getpid() or not process_alive(pid))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a file, a link (unlinked, never followed) or a folder (without following the links in it)."""
+    try:
+        kind = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(kind):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        _unlink_quietly(path)
 
 
 def _unlink_quietly(path: Path) -> None:
