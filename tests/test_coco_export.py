@@ -14,9 +14,10 @@ from labelgen.errors import ExportError
 from labelgen.cli import main as cli_main
 from labelgen.exports.coco import WORST_KEPT, export_coco, mask_to_polygons, polygons_iou
 from labelgen.exports.source import open_export_source
-from labelgen.exports.importers import ImportedDataset, ImportedItem, import_yolo, write_imported_run
+from labelgen.exports.importers import ImportedDataset, import_yolo, write_imported_run
 from labelgen.structures.instances import ImageRecord, Instances
 from labelgen.structures.masks import mask_to_rle
+from labelgen.structures.rows import Row
 from labelgen.engine.runner import run
 from labelgen.engine.sources import FolderSource
 
@@ -61,7 +62,7 @@ def _imported_run(tmp_path, masks, name="run"):
     instances = Instances.from_masks(masks, scores={"confidence": np.full(len(masks), 0.5)},
                                      class_ids=np.zeros(len(masks), np.int32))
     dataset = ImportedDataset(("shape",), {"kind": "folder", "root": str(tmp_path), "import": {"format": "test"}},
-                              (record,), lambda r: ImportedItem(r, instances))
+                              (record,), lambda r: Row(r, instances))
     return write_imported_run(dataset, tmp_path / name)
 
 

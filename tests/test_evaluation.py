@@ -16,7 +16,8 @@ from labelgen.review.evaluation import evaluate, evaluate_before_after, load_gro
 from labelgen.exports.coco import export_coco
 from labelgen.exports.source import open_export_source
 from labelgen.postprocess.filter_config import FilterConfig
-from labelgen.exports.importers import ImportedItem, import_coco, import_yolo, write_imported_run
+from labelgen.exports.importers import import_coco, import_yolo, write_imported_run
+from labelgen.structures.rows import Row
 
 from conftest import COCO128
 
@@ -114,7 +115,7 @@ def test_coco128_every_other_person_dropped(coco128_gt, tmp_path):
         counts["all"] += int(is_person.sum())
         counts["kept"] += int((is_person & keep).sum())
         counts["total_kept"] += int(keep.sum())
-        return ImportedItem(item.image, item.instances[keep])
+        return Row(item.image, item.instances[keep])
 
     run = write_imported_run(dataclasses.replace(dataset, load_item=load), tmp_path / "degraded")
     recall = counts["kept"] / counts["all"]
@@ -206,7 +207,7 @@ def _run_with_failed_image(json_path, out, failed_name):
 
     def load(record):
         if record.image_id == failed_name:
-            return ImportedItem(record, None, {"reason": "missing", "message": "gone"})
+            return Row(record, None, {"reason": "missing", "message": "gone"})
         return dataset.load_item(record)
 
     return write_imported_run(dataclasses.replace(dataset, load_item=load), out)

@@ -16,6 +16,7 @@ from labelgen.postprocess.filter_store import FilterSummary, filter_run, save_fi
 from labelgen.postprocess.filtering import REASONS, FilterConfig, count_kept, filter_instances, load_filter_config
 from labelgen.structures.instances import ImageRecord, Instances
 from labelgen.structures.masks import rle_areas
+from labelgen.structures.rows import Row
 from labelgen.engine.runner import run
 from labelgen.structures.scoring import ScoringConfig
 from labelgen.engine.sources import FolderSource
@@ -313,8 +314,8 @@ def write_run(root, images):
 
 def _row(record, instances):
     if instances is None:
-        return {"image": record.to_dict(), "status": "failed", "failure": {"reason": "generator_error", "message": "x"}}
-    return {"image": record.to_dict(), "status": "ok", "instances": instances.to_dict()}
+        return Row.failed(record, "generator_error", "x")
+    return Row(record, instances)
 
 
 @pytest.fixture

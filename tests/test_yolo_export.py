@@ -13,6 +13,7 @@ from labelgen.errors import ExportError
 from labelgen.exports.source import open_export_source
 from labelgen.exports.yolo import export_yolo, mask_parts, merge_parts
 from labelgen.structures.instances import ImageRecord, Instances
+from labelgen.structures.rows import Row
 from labelgen.engine.runner import run
 from labelgen.engine.sources import FolderSource
 from labelgen.store.run_store import RunStore
@@ -44,9 +45,7 @@ def write_run(root, images, class_names=("cat", "dog"), folder=None):
         rows = []
         for record in shard.images:
             instances = images[record.image_id]
-            rows.append({"image": record.to_dict(), "status": "failed",
-                         "failure": {"reason": "generator_error", "message": "x"}} if instances is None else
-                        {"image": record.to_dict(), "status": "ok", "instances": instances.to_dict()})
+            rows.append(Row.failed(record, "generator_error", "x") if instances is None else Row(record, instances))
         store.commit_shard(shard, rows, {"fingerprint": recipe.fingerprint()}, level=1)
     return open_export_source(root)
 

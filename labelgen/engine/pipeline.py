@@ -29,11 +29,10 @@ from ..generators import Generator
 from ..generators.base import failed
 from ..labelers.protocol import Labeler
 from ..structures.instances import ImageRecord, Instances
+from ..structures.rows import Row
 from ..structures.scoring import ScoringConfig, with_combined_score
 
 log = logging.getLogger(__name__)
-
-Row = dict[str, Any]
 
 
 def label_images(
@@ -47,7 +46,7 @@ def label_images(
     overlap: bool = True,
     on_image: Callable[[int], None] | None = None,
 ) -> list[Row]:
-    """One shard row per record, in order: ``{"image", "status": "ok", "instances"}`` or a failed row.
+    """One ``Row`` per record, in order: labelled, or failed with a reason code.
 
     ``batch_size``: images per ``generate_batch`` call; the one way the generator learns it
     (``generator.batch_size`` is set to it before the first batch). ``overlap``: decode and finish on
@@ -115,12 +114,12 @@ class _Finisher:
             if self.scoring is not None:
                 instances = with_combined_score(instances, self.scoring)
         except LabelgenError as exc:
-            return failed_row(record, "generator_error", f"{type(exc).__name__}: {exc}")
+            return Row.failed(record, "generator_error", f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # a model bug or OOM on one image must not abort the run
             log.error("generator failed on %s: %s: %s", record.image_id, type(exc).__name__, exc,
                       exc_info=(type(exc), exc, exc.__traceback__))
-            return failed_row(record, "generator_error", f"{type(exc).__name__}: {exc}")
-        return {"image": record.to_dict(), "status": "ok", "instances": instances.to_dict()}
+            return Row.failed(record, "generator_error", f"{type(exc).__name__}: {exc}")
+        return Row(record, instances)
 
 
 def _decode(record: ImageRecord, images: ImagesConfig) -> tuple[ImageRecord, np.ndarray | None, Row | None]:
@@ -130,11 +129,11 @@ def _decode(record: ImageRecord, images: ImagesConfig) -> tuple[ImageRecord, np.
         image, info = read_image_rgb(record.uri, max_pixels=images.max_pixels, compute_sha256=images.compute_sha256,
                                      max_file_bytes=getattr(images, "max_file_bytes", DEFAULT_MAX_FILE_BYTES))
     except ImageDecodeError as exc:
-        return record, None, failed_row(record, exc.reason, str(exc))
+        return record, None, Row.failed(record, exc.reason, str(exc))
     except Exception as exc:  # a decoder bug (or MemoryError) on one image must not cost the shard
         log.error("decoding %r failed: %s: %s", record.uri, type(exc).__name__, exc,
                   exc_info=(type(exc), exc, exc.__traceback__))
-        return record, None, failed_row(record, "unreadable", f"cannot decode {record.uri!r}: "
+        return record, None, Row.failed(record, "unreadable", f"cannot decode {record.uri!r}: "
                                                              f"{type(exc).__name__}: {exc}")
     return record.with_size(info["width"], info["height"], info.get("sha256")), image, None
 
@@ -192,10 +191,6 @@ class _Inline:
 
 def _pool(overlap: bool, name: str) -> Any:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) if overlap else _Inline()
-
-
-def failed_row(record: ImageRecord, reason: str, message: str) -> Row:
-    return {"image": record.to_dict(), "status": "failed", "failure": {"reason": reason, "message": message}}
 
 
 def check_frame(instances: Instances, record: ImageRecord) -> None:

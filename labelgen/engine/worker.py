@@ -1,7 +1,6 @@
 """What one worker process does: load the generator once, then label shards (``pipeline``) and commit them."""
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import sys
@@ -12,6 +11,7 @@ from ..config import ExecutionConfig, Recipe
 from ..generators import GENERATORS, Generator
 from ..labelers.protocol import Labeler
 from .pipeline import label_images
+from ..structures.rows import summarize
 from ..store.run_store import RunStore, ShardSpec, utc_now
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def process_shard(
     started, t0 = utc_now(), time.perf_counter()
     rows = label_images(generator, shard.images, recipe.images, scoring=recipe.scoring, labeler=labeler,
                         batch_size=recipe.execution.batch_size, on_image=on_image)
-    summary = _summarize(rows)
+    summary = summarize(rows)
     summary.update(
         fingerprint=recipe.fingerprint(),
         started=started,
@@ -81,15 +81,3 @@ def process_shard(
         provenance={**generator.provenance(), **({"labeler": labeler.provenance()} if labeler else {})},
     )
     return RunStore(root).commit_shard(shard, rows, summary, level=recipe.store.compress_level)
-
-
-def _summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    failures = [
-        {"image_id": r["image"]["image_id"], "uri": r["image"]["uri"], **r["failure"]}
-        for r in rows
-        if r["status"] == "failed"
-    ]
-    instances = sum(len(r["instances"]["masks_rle"]) for r in rows if r["status"] == "ok")
-    reasons = collections.Counter(f["reason"] for f in failures)
-    return {"images": len(rows), "ok": len(rows) - len(failures), "failed": len(failures),
-            "instances": instances, "failures": failures, "failure_reasons": dict(sorted(reasons.items()))}

@@ -1,6 +1,6 @@
 """Exports of a run's labels (COCO, YOLO, FiftyOne) and importers of ground truth.
 
-Every exporter streams ``ExportItem``s from ``labelgen.exports.source`` (memory does not grow
+Every exporter streams ``Row``s from ``labelgen.exports.source`` (memory does not grow
 with the dataset) and writes only inside its target folder (``labelgen.exports.paths``).
 Formats are looked up by name in ``EXPORTERS`` (``labelgen.exports.registry``); the built-in
 ones register in ``labelgen.exports.formats``, plugins register theirs the same way.

@@ -43,7 +43,8 @@ from ..structures.instances import Instances
 from ..structures.masks import rle_to_pycocotools
 from .paths import export_lock, relative_to_root, remove_stale_export_temps, safe_join
 from .polygons import mask_to_polygons, polygons_iou
-from .source import ExportItem, ExportSource, log_incomplete
+from ..structures.rows import Row
+from .source import ExportSource, log_incomplete
 
 ANNOTATIONS_FILE = "annotations.json"
 REPORT_FILE = "export_report.json"
@@ -146,13 +147,13 @@ class _CocoWriter:
 
     def write_parts(self, images: BinaryIO, annotations: BinaryIO) -> None:
         first_image = first_annotation = True
-        for item in self.source:
-            if item.instances is None and not self.include_failed:
+        for image_id, row in enumerate(self.source, start=1):  # stable ids: position in plan order + 1
+            if row.instances is None and not self.include_failed:
                 self.report.skipped_failed_images += 1
                 continue
-            images.write(_line(self._image_entry(item), first_image))
+            images.write(_line(self._image_entry(image_id, row), first_image))
             first_image = False
-            for entry in self._annotations(item):
+            for entry in self._annotations(image_id, row):
                 annotations.write(_line(entry, first_annotation))
                 first_annotation = False
 
@@ -170,17 +171,17 @@ class _CocoWriter:
         report.polygon_worst = [entry for _, _, entry in sorted(self._worst, key=lambda w: (-w[0], -w[1]))]
         return report
 
-    def _image_entry(self, item: ExportItem) -> dict[str, Any]:
+    def _image_entry(self, image_id: int, row: Row) -> dict[str, Any]:
         self.report.images += 1
-        self.report.included_failed_images += item.instances is None
-        return {"id": item.index + 1, "file_name": relative_to_root(item.image.uri, self.images_root),
-                "width": item.image.width, "height": item.image.height}
+        self.report.included_failed_images += row.instances is None
+        return {"id": image_id, "file_name": relative_to_root(row.image.uri, self.images_root),
+                "width": row.image.width, "height": row.image.height}
 
-    def _annotations(self, item: ExportItem) -> Iterator[dict[str, Any]]:
-        instances = item.instances
+    def _annotations(self, image_id: int, row: Row) -> Iterator[dict[str, Any]]:
+        instances = row.instances
         if instances is None or not len(instances):
             return
-        category_ids = self._category_ids(instances, item)
+        category_ids = self._category_ids(instances, row)
         areas = coco_mask.area([rle_to_pycocotools(r) for r in instances.masks_rle])
         boxes = coco_mask.toBbox([rle_to_pycocotools(r) for r in instances.masks_rle])
         for i, rle in enumerate(instances.masks_rle):
@@ -188,8 +189,8 @@ class _CocoWriter:
                 self.report.skipped_empty_masks += 1
                 continue
             self.report.annotations += 1
-            entry = {"id": self.report.annotations, "image_id": item.index + 1, "category_id": category_ids[i],
-                     "segmentation": self._segmentation(rle, instances, item), "area": int(areas[i]),
+            entry = {"id": self.report.annotations, "image_id": image_id, "category_id": category_ids[i],
+                     "segmentation": self._segmentation(rle, instances, image_id, row), "area": int(areas[i]),
                      "bbox": [float(v) for v in boxes[i]], "iscrowd": 0,
                      "attributes": {"scores": {k: float(v[i]) for k, v in sorted(instances.scores.items())},
                                     "instance": {k: v[i] for k, v in sorted(instances.attributes.items())}}}
@@ -197,31 +198,31 @@ class _CocoWriter:
                 entry["score"] = float(instances.scores["confidence"][i])
             yield entry
 
-    def _category_ids(self, instances: Instances, item: ExportItem) -> list[int]:
+    def _category_ids(self, instances: Instances, row: Row) -> list[int]:
         if self.source.class_agnostic or instances.class_ids is None:
             return [1] * len(instances)
         ids = instances.class_ids
         if ids.size and ids.max() >= len(self.categories):
-            raise ExportError(f"image {item.image.image_id}: class id {int(ids.max())} is outside the run's"
+            raise ExportError(f"image {row.image.image_id}: class id {int(ids.max())} is outside the run's"
                               f" {len(self.categories)} class names; the run's labels are inconsistent")
         return [int(c) + 1 for c in ids]
 
-    def _segmentation(self, rle: dict, instances: Instances, item: ExportItem) -> Any:
+    def _segmentation(self, rle: dict, instances: Instances, image_id: int, row: Row) -> Any:
         if self.mask_format == "rle":
             return {"size": list(rle["size"]), "counts": rle["counts"]}
         mask = coco_mask.decode(rle_to_pycocotools(rle)).astype(bool)
         polygons = mask_to_polygons(mask)
         iou = polygons_iou(polygons, rle, instances.height, instances.width)
-        self._note_iou(iou, item)
+        self._note_iou(iou, image_id, row)
         return polygons
 
-    def _note_iou(self, iou: float, item: ExportItem) -> None:
+    def _note_iou(self, iou: float, image_id: int, row: Row) -> None:
         self._iou_sum += iou
         self._iou_count += 1
         if iou < self.report.polygon_tolerance:
             self.report.polygons_below_tolerance += 1
-        entry = {"annotation_id": self.report.annotations, "image_id": item.index + 1,
-                 "file_name": relative_to_root(item.image.uri, self.images_root), "iou": round(float(iou), 6)}
+        entry = {"annotation_id": self.report.annotations, "image_id": image_id,
+                 "file_name": relative_to_root(row.image.uri, self.images_root), "iou": round(float(iou), 6)}
         key = (-float(iou), -self.report.annotations, entry)  # ties: the earlier annotation is "worse"
         if len(self._worst) < WORST_KEPT:
             heapq.heappush(self._worst, key)

@@ -54,11 +54,12 @@ from .. import __version__
 from ..atomic import EXPORT_NOTE, store_write_error, write_bytes_atomic, write_json_atomic
 from ..config import config_to_dict
 from ..errors import ExportError
-from ..postprocess.filter_store import filter_row, read_copy_rows
-from ..structures.instances import ImageRecord, Instances
+from ..structures.instances import Instances
 from ..structures.masks import rles_to_masks
+from ..structures.rows import Row
+from ..store.run_store import ShardSpec
 from .paths import safe_join
-from .source import ExportItem, ExportSource
+from .source import ExportSource
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,8 @@ def export_fiftyone(source: ExportSource, dataset_name: str, *, mask_dir: str | 
     builder = _SampleBuilder(fo, source, MaskWriter(root, large_mask_pixels))
     token = secrets.token_hex(8)
     counts: Counter = Counter()
-    for batch in _batched(iter_source_rows(source, originals=include_suppressed), BATCH_SIZE):
-        samples = [builder.fields(row, token) for row in batch if _storable(row.item.image, counts)]
+    for batch in _batched(_placed_rows(source, originals=include_suppressed), BATCH_SIZE):
+        samples = [builder.fields(*placed, token) for placed in batch if _storable(placed[0].image, counts)]
         _declare_label_fields(fo, dataset, builder.attribute_types)
         _upsert(fo, dataset, samples, counts)
     removed = _remove_stale(fo, dataset, token)
@@ -301,48 +302,53 @@ def _remove_stale(fo: Any, dataset: Any, token: str) -> int:
 
 # -- samples and labels ---------------------------------------------------------------------------
 class _SampleBuilder:
-    """Turns ``SourceRow``s into sample fields; counts labels and failures."""
+    """Turns rows into sample fields; counts labels and failures."""
 
     def __init__(self, fo: Any, source: ExportSource, masks: MaskWriter):
         self.fo, self.masks, self.counts = fo, masks, Counter()
-        self.class_names = list(source.class_names)
+        self.source, self.class_names = source, list(source.class_names)
         self.run_id = source.run_id
         self.attribute_types = dict(_LABEL_FIELDS)  # Detection attribute -> FiftyOne field class name
 
-    def fields(self, row: SourceRow, token: str) -> tuple[dict, list[str]]:
-        fo, item = self.fo, row.item
+    def fields(self, row: Row, place: str, shard: int, original: Instances | None, token: str
+               ) -> tuple[dict, list[str]]:
+        """``place`` (``SHARD/POSITION``) names the row's mask files; ``original``: the run's own
+        instances of the row (for its suppressed duplicates), or ``None``."""
+        fo = self.fo
         fields: dict[str, Any] = {
-            "filepath": item.image.uri, "labelgen_image_id": item.image.image_id, "labelgen_run_id": self.run_id,
-            "labelgen_shard": item.shard, "labelgen_export": token, "labelgen_failure": None,
+            "filepath": row.image.uri, "labelgen_image_id": row.image.image_id, "labelgen_run_id": self.run_id,
+            "labelgen_shard": shard, "labelgen_export": token, "labelgen_failure": None,
             "labelgen_failure_message": None, "metadata": None,
         }
-        if item.image.width and item.image.height:
-            fields["metadata"] = fo.ImageMetadata(width=item.image.width, height=item.image.height)
-        if item.instances is None:
+        if row.image.width and row.image.height:
+            fields["metadata"] = fo.ImageMetadata(width=row.image.width, height=row.image.height)
+        if row.instances is None:
             self.counts["failed"] += 1
-            failure = row.failure or {}
+            failure = row.failure
             fields.update(labelgen_failure=failure.get("reason"), labelgen_failure_message=failure.get("message"))
             fields.update({FIELD: fo.Detections(), SUPPRESSED_FIELD: fo.Detections()})
             return fields, [FAILED_TAG]
-        fields[FIELD] = fo.Detections(detections=[self._detection(row, p) for p in range(len(item.instances))])
-        fields[SUPPRESSED_FIELD] = fo.Detections(detections=list(self._suppressed(row)))
-        self.counts["labels"] += len(item.instances)
+        origin = row_origin(self.source, row)
+        fields[FIELD] = fo.Detections(detections=[self._detection(row.instances, origin, p, place)
+                                                  for p in range(len(row.instances))])
+        fields[SUPPRESSED_FIELD] = fo.Detections(detections=list(self._suppressed(row, original, place)))
+        self.counts["labels"] += len(row.instances)
         return fields, []
 
-    def _detection(self, row: SourceRow, position: int) -> Any:
-        detection = self._base_detection(row, row.item.instances, position, f"{position}")
-        detection["labelgen_index"] = row.origin[position]
+    def _detection(self, instances: Instances, origin: tuple, position: int, place: str) -> Any:
+        detection = self._base_detection(instances, position, f"{place}-{position}")
+        detection["labelgen_index"] = origin[position]
         detection["labelgen_position"] = position
         return detection
 
-    def _suppressed(self, row: SourceRow) -> Iterator[Any]:
-        if row.original is None:
+    def _suppressed(self, row: Row, original: Instances | None, place: str) -> Iterator[Any]:
+        if original is None:
             return
-        for rejection in row.rejected:
+        for rejection in row.rejected or ():
             if rejection.get("reason") not in DUPLICATE_REASONS:
                 continue
             index = rejection["index"]
-            detection = self._base_detection(row, row.original, index, f"s{index}")
+            detection = self._base_detection(original, index, f"{place}-s{index}")
             detection["labelgen_index"] = index
             detection["labelgen_reason"] = rejection["reason"]
             for key, value in rejection.items():
@@ -352,7 +358,7 @@ class _SampleBuilder:
             self.counts["suppressed"] += 1
             yield detection
 
-    def _base_detection(self, row: SourceRow, instances: Instances, i: int, mask_key: str) -> Any:
+    def _base_detection(self, instances: Instances, i: int, mask_name: str) -> Any:
         x1, y1, x2, y2 = (float(v) for v in instances.boxes_xyxy[i])
         width, height = instances.width, instances.height
         class_id = None if instances.class_ids is None else int(instances.class_ids[i])
@@ -368,7 +374,7 @@ class _SampleBuilder:
             self.attribute_types.setdefault(_attribute_name(name), "Field")
             detection[_attribute_name(name)] = _attribute_value(column[i])
         detection["labelgen_class_id"] = class_id
-        self.masks.attach(detection, instances, i, f"{row.item.shard:06d}/{row.item.index:08d}-{mask_key}.png")
+        self.masks.attach(detection, instances, i, f"{mask_name}.png")
         return detection
 
 
@@ -394,85 +400,50 @@ def _attribute_value(value: Any) -> Any:
 
 
 # -- rows with their origin -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SourceRow:
-    """One row of an export source, with what maps its instances back to the run's own row.
-
-    Attributes:
-        item: the image and its exported instances.
-        origin: per exported instance, its index in the run's own row (``None``: added in review).
-        rejected: the row's rejections ``{"index", "reason", ...detail}`` (indices into the run's row).
-        original: the run's own instances of the image when loaded (``None`` otherwise).
-        failure: ``{"reason", "message"}`` of a failed image.
-    """
-
-    item: ExportItem
-    origin: tuple[int | None, ...] = ()
-    rejected: tuple[dict, ...] = ()
-    original: Instances | None = None
-    failure: dict | None = None
+def row_origin(source: ExportSource, row: Row) -> tuple[int | None, ...]:
+    """Per exported instance of ``row``, its index in the run's own row (``None``: added in review);
+    ``ExportError`` when a copy's row does not account for its instances."""
+    origin = row.origin()
+    if source.copy_kind is not None and len(origin) != len(row.instances or ()):
+        raise ExportError(f"{source.copy_kind} copy {source.copy_name!r}, image {row.image.image_id!r}: its"
+                          f" rejections do not match its {len(row.instances)} instances; re-create the copy")
+    return origin
 
 
-def iter_source_rows(source: ExportSource, *, originals: bool = False) -> Iterator[SourceRow]:
-    """``source``'s rows in plan order, as ``ExportSource`` iterates them, with their origin.
-
-    ``originals``: load the run's own instances of rows whose rejections include duplicates (for
-    ``labelgen_suppressed``); a copy's shard is then read alongside the run's shard.
-    """
-    store, index = source.store, 0
-    names = store.manifest().get("class_names")
-    for shard, _, committed in store.iter_committed():  # verified against the done records
-        if source.copy_kind is None:
-            pairs: Iterable[tuple[dict, dict | None]] = ((r, r) for r in committed)
-        else:
-            copy_path = _copy_shard_path(source, shard.index)
-            copy_rows = read_copy_rows(copy_path.parent, copy_path.name)
-            run_rows = iter(committed) if originals else None
-            pairs = ((r, next(run_rows, None) if run_rows is not None else None) for r in copy_rows)
-        for row, run_row in pairs:
-            yield _source_row(source, names, ExportItem(index, ImageRecord.from_dict(row["image"]), None, shard.index),
-                              row, run_row)
-            index += 1
+def _placed_rows(source: ExportSource, *, originals: bool) -> Iterator[tuple[Row, str, int, Instances | None]]:
+    """``(row, place, shard index, original)`` for ``source``'s rows in plan order: ``place`` is
+    ``SHARD/POSITION`` (position in that order), ``original`` the run's own instances of a row whose
+    rejections include duplicates (``originals`` only; read from the run's shard when first needed)."""
+    position = 0
+    for shard, done, rows in source.iter_shards():
+        run_rows = _RunRows(source, shard, done, rows)
+        for i, row in enumerate(rows):
+            original = run_rows.instances(i, row) if originals and _has_duplicates(row) else None
+            yield row, f"{shard.index:06d}/{position:08d}", shard.index, original
+            position += 1
 
 
-def _copy_shard_path(source: ExportSource, index: int) -> Path:
-    path = source.store.root / str(source.copy_kind) / str(source.copy_name) / f"{index:06d}.jsonl.gz"
-    if not path.is_file():
-        raise ExportError(f"{source.copy_kind} copy {source.copy_name!r} has no shard {index:06d} ({path});"
-                          f" re-create it (it predates shards committed since)")
-    return path
+def _has_duplicates(row: Row) -> bool:
+    return row.instances is not None and any(r.get("reason") in DUPLICATE_REASONS for r in row.rejected or ())
 
 
-def _source_row(source: ExportSource, names: Sequence[str] | None, item: ExportItem, row: dict,
-                run_row: dict | None) -> SourceRow:
-    if row.get("status") != "ok":
-        return SourceRow(item, failure=row.get("failure"))
-    if source.filter_config is not None:
-        result = filter_row(row, source.filter_config, names)
-        rejected = tuple({"index": i, "reason": reason, **detail} for i, reason, detail in result.rejected)
-        return SourceRow(_with(item, result.kept), result.kept_indices, rejected, Instances.from_dict(row["instances"]))
-    instances = Instances.from_dict(row["instances"])
-    if source.copy_kind is None:
-        return SourceRow(_with(item, instances), tuple(range(len(instances))), (), instances)
-    rejected = tuple(row.get("rejected", ()))
-    origin = row.get("source_indices")
-    if origin is None:
-        dropped = {r["index"] for r in rejected}
-        origin = [i for i in range(len(instances) + len(rejected)) if i not in dropped]
-    if len(origin) != len(instances):
-        raise ExportError(f"{source.copy_kind} copy {source.copy_name!r}, image {item.image.image_id!r}: its"
-                          f" rejections do not match its {len(instances)} instances; re-create the copy")
-    original = None
-    if run_row is not None and any(r.get("reason") in DUPLICATE_REASONS for r in rejected):
-        if run_row["image"]["image_id"] != item.image.image_id:
-            raise ExportError(f"{source.copy_kind} copy {source.copy_name!r} is out of step with the run at image"
-                              f" {item.image.image_id!r}; re-create the copy")
-        original = Instances.from_dict(run_row["instances"])
-    return SourceRow(_with(item, instances), tuple(origin), rejected, original)
+class _RunRows:
+    """The run's own rows of one shard, read (verified) only when a filtered or reviewed row needs them."""
 
+    def __init__(self, source: ExportSource, shard: ShardSpec, done: dict, rows: list[Row]):
+        self.source, self.shard, self.done = source, shard, done
+        self.rows = rows if source.copy_kind is None and source.filter_config is None else None
 
-def _with(item: ExportItem, instances: Instances) -> ExportItem:
-    return ExportItem(item.index, item.image, instances, item.shard)
+    def instances(self, i: int, row: Row) -> Instances | None:
+        if self.rows is None:
+            self.rows = self.source.store.read_rows(self.shard, self.done)
+        run_row = self.rows[i] if i < len(self.rows) else None
+        if run_row is None:
+            return None
+        if run_row.image.image_id != row.image.image_id:
+            raise ExportError(f"{self.source.copy_kind} copy {self.source.copy_name!r} is out of step with the run"
+                              f" at image {row.image.image_id!r}; re-create the copy")
+        return run_row.instances
 
 
 # -- masks -----------------------------------------------------------------------------------------
@@ -517,5 +488,5 @@ def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 
 __all__ = ["DUPLICATE_REASONS", "FAILED_TAG", "FIELD", "SUPPRESSED_FIELD", "FiftyOneExportReport", "MaskWriter",
-           "SourceRow", "box_pixels", "detection_label", "export_fiftyone", "import_fiftyone", "iter_source_rows",
+           "box_pixels", "detection_label", "export_fiftyone", "import_fiftyone", "row_origin",
            "recorded_datasets", "save_views"]

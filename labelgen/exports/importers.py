@@ -1,7 +1,7 @@
 """Importers of existing labels (ground truth, or a COCO export read back) as a run directory.
 
 ``import_yolo`` / ``import_coco`` return an ``ImportedDataset``: records sorted by ``image_id``, class
-names, a JSON ``spec`` and a lazy iterator of ``ImportedItem``s (labels parsed one image at a time).
+names, a JSON ``spec`` and a lazy iterator of ``Row``s (labels parsed one image at a time).
 ``write_imported_run`` writes it as a complete run directory (generator ``"import"``) shard by shard,
 so ``labelgen status``, ``filter`` and every exporter work on ground truth too.
 
@@ -20,12 +20,10 @@ so ``labelgen status``, ``filter`` and every exporter work on ground truth too.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +33,12 @@ import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from pycocotools import mask as coco_mask
 
-from ..atomic import TMP_MARK
+from ..atomic import staged_folder
 from ..config import load_yaml
 from ..errors import ConfigError, ExportError, ImageDecodeError, ValidationError
 from ..structures.instances import ImageRecord, Instances
 from ..structures.masks import mask_to_rle, rles_to_boxes_xyxy, validate_rle
+from ..structures.rows import Row, summarize
 from ..engine.sources import FolderSource
 from ..store.run_store import RunStore, utc_now
 
@@ -48,28 +47,19 @@ _PROVENANCE = "import"
 
 
 @dataclass(frozen=True)
-class ImportedItem:
-    """One imported image: ``instances`` is ``None`` and ``failure`` ``{"reason", "message"}``
-    when the image itself could not be opened."""
-
-    image: ImageRecord
-    instances: Instances | None
-    failure: dict | None = None
-
-
-@dataclass(frozen=True)
 class ImportedDataset:
-    """Records sorted by ``image_id``; iterating loads each image's labels lazily, in that order."""
+    """Records sorted by ``image_id``; iterating loads each image's row lazily, in that order (a failed
+    row, ``failure`` ``{"reason", "message"}``, when the image itself could not be opened)."""
 
     class_names: tuple[str, ...]
     spec: dict  # JSON: becomes the run's ``source`` (image source kind + an ``import`` section)
     records: tuple[ImageRecord, ...]
-    load_item: Callable[[ImageRecord], ImportedItem]
+    load_item: Callable[[ImageRecord], Row]
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __iter__(self) -> Iterator[ImportedItem]:
+    def __iter__(self) -> Iterator[Row]:
         return (self.load_item(record) for record in self.records)
 
 
@@ -101,11 +91,11 @@ def import_yolo(root: str | os.PathLike[str], *, split: str | None = None,
     spec = {**folder.describe(), "import": {"format": "yolo", "yaml": yaml_path, "split": split, "task": task,
                                             "labels": str(labels_dir)}}
 
-    def load(record: ImageRecord) -> ImportedItem:
+    def load(record: ImageRecord) -> Row:
         if record.image_id in failures:
-            return ImportedItem(record, None, failures[record.image_id])
+            return Row(record, failure=failures[record.image_id])
         label = (labels_dir / record.image_id).with_suffix(".txt")
-        return ImportedItem(record, _read_yolo_labels(label, record, task, len(names)))
+        return Row(record, _read_yolo_labels(label, record, task, len(names)))
 
     return ImportedDataset(names, spec, tuple(records), load)
 
@@ -295,9 +285,9 @@ def import_coco(json_path: str | os.PathLike[str], *, images_root: str | os.Path
     spec = {"kind": "coco", "path": path, "images_root": root,
             "import": {"format": "coco", "crowd_annotations_skipped": crowd}}
 
-    def load(record: ImageRecord) -> ImportedItem:
+    def load(record: ImageRecord) -> Row:
         anns = by_image[coco_ids[record.image_id]]
-        return ImportedItem(record, _coco_instances(anns, record, class_of, path))
+        return Row(record, _coco_instances(anns, record, class_of, path))
 
     return ImportedDataset(tuple(str(c["name"]) for c in categories), spec, tuple(records), load)
 
@@ -426,15 +416,8 @@ def write_imported_run(dataset: ImportedDataset, out_dir: str | os.PathLike[str]
         what = "already holds a run (run.json)" if (final / "run.json").is_file() else \
             "is a file" if not final.is_dir() else "is not empty"
         raise ExportError(f"{final} {what}; expected a new or empty folder for the imported run directory")
-    building = final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}")
-    shutil.rmtree(building, ignore_errors=True)
-    try:
-        building.mkdir(parents=True)
+    with staged_folder(final, "the imported run directory") as building:
         _write_run(RunStore(building), dataset, shard_size)
-        os.rename(building, final)  # onto a missing or empty folder
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
     return final
 
 
@@ -445,8 +428,8 @@ def _write_run(store: RunStore, dataset: ImportedDataset, shard_size: int) -> No
         items = iter(dataset)
         for shard in store.iter_plan():
             started, t0 = utc_now(), time.perf_counter()
-            rows = [_row(next(items), record) for record in shard.images]
-            summary = _summary(rows)
+            rows = [_in_plan_order(next(items), record) for record in shard.images]
+            summary = summarize(rows)
             summary.update(fingerprint=fingerprint, started=started, finished=utc_now(),
                            seconds=round(time.perf_counter() - t0, 4),
                            provenance={"generator": _PROVENANCE, "format": dataset.spec["import"]["format"]})
@@ -454,23 +437,12 @@ def _write_run(store: RunStore, dataset: ImportedDataset, shard_size: int) -> No
         store.write_failures_ledger()
 
 
-def _row(item: ImportedItem, planned: ImageRecord) -> dict:
-    if item.image.image_id != planned.image_id:
-        raise ExportError(f"imported items out of plan order: got {item.image.image_id!r}, expected "
+def _in_plan_order(row: Row, planned: ImageRecord) -> Row:
+    if row.image.image_id != planned.image_id:
+        raise ExportError(f"imported items out of plan order: got {row.image.image_id!r}, expected "
                           f"{planned.image_id!r}; ImportedDataset must yield its records in order")
-    if item.instances is None:
-        return {"image": item.image.to_dict(), "status": "failed", "failure": dict(item.failure or {})}
-    return {"image": item.image.to_dict(), "status": "ok", "instances": item.instances.to_dict()}
+    return row
 
 
-def _summary(rows: list[dict]) -> dict:
-    failures = [{"image_id": r["image"]["image_id"], "uri": r["image"]["uri"], **r["failure"]}
-                for r in rows if r["status"] == "failed"]
-    reasons = collections.Counter(f["reason"] for f in failures)
-    return {"images": len(rows), "ok": len(rows) - len(failures), "failed": len(failures),
-            "instances": sum(len(r["instances"]["masks_rle"]) for r in rows if r["status"] == "ok"),
-            "failures": failures, "failure_reasons": dict(sorted(reasons.items()))}
-
-
-__all__ = ["ImportedDataset", "ImportedItem", "box_to_rle", "image_size", "import_coco", "import_yolo",
+__all__ = ["ImportedDataset", "box_to_rle", "image_size", "import_coco", "import_yolo",
            "polygon_to_rle", "write_imported_run"]

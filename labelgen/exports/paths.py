@@ -10,7 +10,6 @@ import datetime
 import errno
 import fcntl
 import os
-import shutil
 import socket
 import stat
 from pathlib import Path, PurePosixPath
@@ -132,17 +131,3 @@ def remove_stale_export_temps(out: Path, names: tuple[str, ...]) -> int:
     Only regular files and symlinks of those names are unlinked (never followed); a user's own files
     (other names) are never touched. Returns how many were removed."""
     return remove_stale_temps(out, tuple(f"{name}." for name in names))
-
-
-def remove_stale_folder(path: Path) -> None:
-    """Remove a leftover staging / old folder: a symlink is unlinked, never followed; a folder is
-    deleted without following the links inside it."""
-    try:
-        kind = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(kind):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            os.unlink(path)

@@ -1,9 +1,10 @@
-"""What exporters read: a run's committed rows, optionally filtered or reviewed, as ``ExportItem``s.
+"""What exporters read: a run's committed rows (``Row``), optionally filtered or reviewed.
 
-Sources, streamed shard by shard in plan order:
+Sources, streamed shard by shard in plan order (``RunStore.iter_committed``, verified):
 
 * the run itself (every committed row);
-* the run with filter options applied on the fly (``FilterConfig``, same options as ``labelgen filter``);
+* the run with filter options applied on the fly (``FilterConfig``, same options as ``labelgen filter``;
+  the rows are those a filtered copy would hold: kept instances and ``rejected``);
 * a saved filtered copy ``RUN_DIR/filtered/NAME/`` (``labelgen filter --save NAME``);
 * a reviewed copy ``RUN_DIR/reviewed/NAME/`` (written by the review pull step; same row format).
 """
@@ -18,9 +19,9 @@ from typing import Iterator, Sequence
 
 from ..errors import ExportError
 from ..postprocess.filter_config import FilterConfig
-from ..postprocess.filter_store import filter_row, incomplete_message, read_copy_rows, run_incomplete
-from ..structures.instances import ImageRecord, Instances
-from ..store.run_store import RunStore
+from ..postprocess.filter_store import filter_row, filtered_row, incomplete_message, run_incomplete
+from ..structures.rows import Row
+from ..store.run_store import RunStore, ShardSpec
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +29,10 @@ AGNOSTIC_CLASS = "object"  # the one category of class-agnostic runs
 
 
 @dataclass(frozen=True)
-class ExportItem:
-    """One image to export. ``instances`` is ``None`` for an image that failed to process."""
-
-    index: int  # 0-based position in plan order: stable image ids derive from it
-    image: ImageRecord
-    instances: Instances | None
-    shard: int
-
-
-@dataclass(frozen=True)
 class ExportSource:
+    """Iterating gives the rows to export in plan order (``row.instances`` is ``None`` for an image
+    that failed to process); a row's position in that order is what stable export ids derive from."""
+
     store: RunStore
     filter_config: FilterConfig | None = None
     copy_kind: str | None = None  # "filtered" | "reviewed" | None
@@ -66,39 +60,21 @@ class ExportSource:
             return source["root"]
         if source.get("kind") == "coco" and source.get("images_root"):
             return source["images_root"]
-        folders = {os.path.dirname(item.image.uri) for item in self}
+        folders = {os.path.dirname(row.image.uri) for row in self}
         return os.path.commonpath(sorted(folders)) if folders else str(self.store.root)
 
-    def __iter__(self) -> Iterator[ExportItem]:
-        index = 0
-        for shard, row in self._rows():
-            record = ImageRecord.from_dict(row["image"])
-            instances = Instances.from_dict(row["instances"]) if row.get("status") == "ok" else None
-            yield ExportItem(index, record, instances, shard)
-            index += 1
+    def __iter__(self) -> Iterator[Row]:
+        for _, _, rows in self.iter_shards():
+            yield from rows
 
-    def _rows(self) -> Iterator[tuple[int, dict]]:
+    def iter_shards(self) -> Iterator[tuple[ShardSpec, dict, list[Row]]]:
+        """``(shard, done record, rows to export)`` per committed shard that verifies, in plan order."""
+        copy = None if self.copy_kind is None else self.store.copy_dir(self.copy_kind, str(self.copy_name))
         names = self.store.manifest().get("class_names")
-        for shard, _, run_rows in self.store.iter_committed():  # verified against the done records
-            rows = run_rows if self.copy_kind is None else self._copy_rows(shard.index)
-            for row in rows:
-                if self.filter_config is not None and row.get("status") == "ok":
-                    row = {**row, "instances": filter_row(row, self.filter_config, names).kept.to_dict()}
-                yield shard.index, row
-
-    def _copy_rows(self, index: int) -> list[dict]:
-        """One shard of the filtered/reviewed copy, verified against the copy's checksums."""
-        path = self._shard_path(index)
-        return read_copy_rows(path.parent, path.name)
-
-    def _shard_path(self, index: int) -> Path:
-        if self.copy_kind is None:
-            return self.store.shard_output(index)
-        path = self.store.root / self.copy_kind / str(self.copy_name) / f"{index:06d}.jsonl.gz"
-        if not path.is_file():
-            raise ExportError(f"{self.copy_kind} copy {self.copy_name!r} has no shard {index:06d} ({path});"
-                              f" re-create it (it predates shards committed since)")
-        return path
+        for shard, done, rows in self.store.iter_committed(copy=copy):
+            if self.filter_config is not None:
+                rows = [filtered_row(row, filter_row(row, self.filter_config, names)) for row in rows]
+            yield shard, done, rows
 
 
 def open_export_source(run_dir: str | Path, *, filter_config: FilterConfig | None = None,
@@ -111,7 +87,7 @@ def open_export_source(run_dir: str | Path, *, filter_config: FilterConfig | Non
         raise ExportError("choose one of --filtered NAME, --reviewed NAME, or filter options")
     for kind, name in (("filtered", filtered), ("reviewed", reviewed)):
         if name:
-            folder = store.root / kind / name
+            folder = store.copy_dir(kind, name)
             if not (folder / "summary.json").is_file():
                 raise ExportError(f"no {kind} copy {name!r} in {store.root} (expected {folder}/summary.json)")
             return ExportSource(store, None, kind, name)
@@ -131,4 +107,4 @@ def read_summary(folder: Path) -> dict:
     return json.loads((folder / "summary.json").read_text(encoding="utf-8"))
 
 
-__all__: Sequence[str] = ["AGNOSTIC_CLASS", "ExportItem", "ExportSource", "log_incomplete", "open_export_source"]
+__all__: Sequence[str] = ["AGNOSTIC_CLASS", "ExportSource", "log_incomplete", "open_export_source"]

@@ -24,13 +24,13 @@ labels are found only when that root is ``OUT/images/SPLIT`` (export into the da
 otherwise the report says ``labels_found_by_trainers: false`` and a warning is logged.
 
 Re-exporting replaces the split: each folder is built under a hidden temporary name beside its target and
-swapped in at the end, so label files of images no longer exported disappear and a failed export leaves
-the previous one intact. Only folders listed as ``owned_folders`` in the report of an earlier export are
-ever replaced; anything else already there is refused.
+swapped in at the end (``labelgen.atomic.staged_folder``), so label files of images no longer exported
+disappear and a failed export leaves the previous one intact. Only folders listed as ``owned_folders`` in
+the report of an earlier export are ever replaced; anything else already there is refused.
 
 One export per OUT at a time: the export holds ``OUT/.labelgen-export.lock`` (``paths.export_lock``) and
 a second export into the same OUT is refused at once with ``ExportLockedError`` naming the holder. Holding
-it, an export first removes what killed exports left (``.SPLIT.staging-*`` / ``.SPLIT.old-*`` folders,
+it, an export first removes what killed exports left (``.SPLIT.tmp-*`` / ``.SPLIT.old-*`` folders,
 ``data.yaml`` / ``export_report.json`` temp files). Every file and folder it creates is created
 exclusively (temp and staging names are unpredictable), so a planted symlink is never followed. A run
 with pending or failed shards is exported as far as it is committed, with a logged warning and
@@ -38,12 +38,12 @@ with pending or failed shards is exported as far as it is committed, with a logg
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
 import logging
 import os
-import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -52,13 +52,15 @@ from typing import Literal, Sequence
 import numpy as np
 import yaml
 
-from ..atomic import EXPORT_NOTE, create_exclusive, store_write_error, write_bytes_atomic, write_json_atomic
+from ..atomic import (EXPORT_NOTE, create_exclusive, remove_staged_leftovers, staged_folder, store_write_error,
+                      write_bytes_atomic, write_json_atomic)
 from ..errors import ExportError
 from ..structures.instances import Instances
 from ..structures.masks import RLE, rles_to_masks
-from .paths import export_lock, relative_to_root, remove_stale_export_temps, remove_stale_folder, safe_join
+from ..structures.rows import Row
+from .paths import export_lock, relative_to_root, remove_stale_export_temps, safe_join
 from .polygons import mask_parts, merge_parts
-from .source import ExportItem, ExportSource, log_incomplete
+from .source import ExportSource, log_incomplete
 
 log = logging.getLogger(__name__)
 
@@ -148,56 +150,50 @@ def _export_locked(source: ExportSource, out: Path, split: str, images: str,
     """The export proper, with the folder's lock held."""
     kinds = ("labels", "confidence") + (("images",) if images != "none" else ())
     report.stale_temps_removed = remove_stale_export_temps(out, (REPORT_NAME, "data.yaml"))
-    report.stale_temps_removed += sum(_remove_leftovers(out / kind, split) for kind in kinds)
+    report.stale_temps_removed += sum(remove_staged_leftovers(out / kind / split, any_writer=True) for kind in kinds)
     owned = _previously_owned(out)
     _check_targets(out, split, kinds, owned, report)
     report.incomplete = log_incomplete(source, f"YOLO export {out}")
-    staging: dict[str, Path] = {}
-    try:
-        for kind in kinds:
-            staging[kind] = _fresh_folder(out, kind, split)
-        for item in source:
-            _export_item(item, staging, report)
+    with contextlib.ExitStack() as stack:  # each folder is swapped in as the stack unwinds: labels first
+        staging = {kind: stack.enter_context(staged_folder(out / kind / split, f"the YOLO {kind} folder",
+                                                           note=EXPORT_NOTE)) for kind in reversed(kinds)}
+        for row in source:
+            _export_row(row, staging, report)
         report.stale_label_files_removed = _count_missing(out / "labels" / split, staging["labels"])
         report.labels_found_by_trainers = images != "none" or _trainers_find_labels(report.images_root, out, split)
         report.owned_folders = sorted({f for f in owned if (out / f).exists()} | {f"{k}/{split}" for k in kinds})
         report.data_yaml = str(out / "data.yaml")
         write_json_atomic(out / REPORT_NAME, dataclasses.asdict(report), "YOLO export report",  # ownership first
                           note=EXPORT_NOTE)
-        for kind in kinds:
-            _swap_in(staging[kind], out / kind / split)
-    finally:
-        for folder in staging.values():
-            remove_stale_folder(folder)
     _write_data_yaml(out, report)
     return report
 
 
 # -- one image ------------------------------------------------------------------------------------
-def _export_item(item: ExportItem, staging: dict[str, Path], report: YoloExportReport) -> None:
-    if item.instances is None:
+def _export_row(row: Row, staging: dict[str, Path], report: YoloExportReport) -> None:
+    if row.instances is None:
         if not report.include_failed_images:
             report.failed_images_skipped += 1
             return
         report.failed_images_included += 1
-    rel = relative_to_root(item.image.uri, report.images_root)
+    rel = relative_to_root(row.image.uri, report.images_root)
     if "images" in PurePosixPath(rel).parts[:-1]:
-        raise ExportError(f"image {item.image.uri} has a folder named 'images' below the images root"
+        raise ExportError(f"image {row.image.uri} has a folder named 'images' below the images root"
                           f" {report.images_root}; trainers would look for its labels in the wrong place."
                           " Pass an images root below that folder")
     label_rel = PurePosixPath(rel).with_suffix(".txt").as_posix()
     label_path = safe_join(staging["labels"], label_rel)
     if label_path.exists():
         raise ExportError(f"two images share the label file {label_rel} (same name, different extension);"
-                          f" the second is {item.image.uri}. Rename one of them")
-    lines, confidences = _label_lines(item.instances, report) if item.instances is not None else ([], [])
+                          f" the second is {row.image.uri}. Rename one of them")
+    lines, confidences = _label_lines(row.instances, report) if row.instances is not None else ([], [])
     _write_lines(label_path, lines)
     _write_lines(safe_join(staging["confidence"], label_rel), confidences)
     report.label_files += 1
     report.empty_label_files += not lines
     report.lines += len(lines)
     if "images" in staging:
-        _place_image(item.image.uri, safe_join(staging["images"], rel), report.images_mode)
+        _place_image(row.image.uri, safe_join(staging["images"], rel), report.images_mode)
 
 
 def _label_lines(instances: Instances, report: YoloExportReport) -> tuple[list[str], list[str]]:
@@ -297,44 +293,6 @@ def _check_targets(out: Path, split: str, kinds: Sequence[str], owned: set[str],
     if report.images_mode != "none" and (root == images_target or images_target in root.parents):
         raise ExportError(f"the images root {root} is inside {images_target}, which this export replaces;"
                           " use --images none to export labels for images in place")
-
-
-def _remove_leftovers(parent: Path, split: str) -> int:
-    """Staging and old folders of killed exports of this split (the lock is held: none is live)."""
-    if parent.is_symlink() or not parent.is_dir():
-        return 0
-    removed = 0
-    for leftover in list(parent.glob(f".{split}.staging-*")) + list(parent.glob(f".{split}.old-*")):
-        remove_stale_folder(leftover)
-        removed += 1
-    return removed
-
-
-def _unique(parent: Path, stem: str) -> Path:
-    return parent / f"{stem}-{os.getpid()}-{secrets.token_hex(8)}"
-
-
-def _fresh_folder(out: Path, kind: str, split: str) -> Path:
-    parent = out / kind
-    folder = _unique(parent, f".{split}.staging")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        folder.mkdir()  # new, under an unpredictable name: never a folder or link planted in advance
-    except OSError as exc:
-        raise store_write_error(exc, folder, "a YOLO staging folder", note=EXPORT_NOTE) from exc
-    return folder
-
-
-def _swap_in(staged: Path, final: Path) -> None:
-    """Replace ``final`` by ``staged`` (two renames), then delete the old folder."""
-    old = _unique(final.parent, f".{final.name}.old")
-    try:
-        if final.exists() or final.is_symlink():
-            os.rename(final, old)
-        os.rename(staged, final)
-    except OSError as exc:
-        raise store_write_error(exc, final, "the new YOLO export folder", note=EXPORT_NOTE) from exc
-    remove_stale_folder(old)
 
 
 def _count_missing(previous: Path, current: Path) -> int:

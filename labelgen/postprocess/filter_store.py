@@ -19,18 +19,10 @@ can never apply, so it is a ``ConfigError`` rather than silently ignored.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gzip
-import hashlib
-import io
-import json
 import logging
 import math
-import os
 import re
-import secrets
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -38,52 +30,58 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import yaml
 
-from ..atomic import TMP_MARK, fsync_dir, store_write_error, temp_pid, write_bytes_atomic
-from ..atomic import sha256_file, write_json_atomic, write_jsonl_gz_atomic
+from ..atomic import staged_folder, write_bytes_atomic, write_json_atomic, write_jsonl_gz_atomic
 from ..config import config_to_dict
-from ..errors import ConfigError, CorruptRunError, ValidationError
+from ..errors import ConfigError, ValidationError
 from .filtering import REASONS, FilterConfig, FilterResult, class_label, count_kept, filter_instances
 from ..structures.instances import Instances
-from ..store.run_store import RunStore, is_sealed, seal
+from ..structures.rows import Row
+from ..store.run_store import RunStore, write_checksums
 
 log = logging.getLogger(__name__)
 
 FILTERED_FORMAT = "labelgen-filtered/1"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-_OLD_MARK = ".old-"
 
 
 # -- streaming ----------------------------------------------------------------------------------
 def filter_run(
     store: RunStore, config: FilterConfig, class_names: Sequence[str] | None = None
-) -> Iterator[tuple[dict, FilterResult | None]]:
+) -> Iterator[tuple[Row, FilterResult | None]]:
     """``(row, result)`` for every committed image row, in plan order; failed rows give ``None``."""
     for row in store.iter_rows():
         yield row, filter_row(row, config, class_names)
 
 
-def filter_row(row: dict, config: FilterConfig, class_names: Sequence[str] | None = None) -> FilterResult | None:
+def filter_row(row: Row, config: FilterConfig, class_names: Sequence[str] | None = None) -> FilterResult | None:
     """Filter one shard row (``None`` for a failed image). Errors name the image."""
-    if row.get("status") != "ok":
+    if row.instances is None:
         return None
     return _for_image(row, config, lambda instances: filter_instances(instances, config, class_names))
 
 
-def _for_image(row: dict, config: FilterConfig, action: Callable[[Instances], Any]) -> Any:
+def filtered_row(row: Row, result: FilterResult | None) -> Row:
+    """``row`` as a filtered copy holds it: the kept instances, and ``rejected`` (``()`` for a failed image)."""
+    if result is None:
+        return dataclasses.replace(row, rejected=())
+    rejected = tuple({"index": index, "reason": reason, **detail} for index, reason, detail in result.rejected)
+    return row.with_instances(result.kept, rejected=rejected)
+
+
+def _for_image(row: Row, config: FilterConfig, action: Callable[[Instances], Any]) -> Any:
     try:
-        instances = Instances.from_dict(row["instances"])
-        _check_class_minimums_apply(instances, config, row)
-        return action(instances)
+        _check_class_minimums_apply(row.instances, config, row)
+        return action(row.instances)
     except ValidationError as exc:
-        raise ValidationError(f"image {row.get('image', {}).get('image_id')!r}: {exc}") from None
+        raise ValidationError(f"image {row.image.image_id!r}: {exc}") from None
 
 
-def _check_class_minimums_apply(instances: Instances, config: FilterConfig, row: dict) -> None:
+def _check_class_minimums_apply(instances: Instances, config: FilterConfig, row: Row) -> None:
     """A per-class threshold on labels without class ids would be silently ignored: refuse it."""
     if config.min_confidence_per_class and len(instances) and instances.class_ids is None:
         raise ConfigError(
             f"filter.min_confidence_per_class ({dict(config.min_confidence_per_class)}) can never apply: the labels"
-            f" have no classes (a class-agnostic run; image {row.get('image', {}).get('image_id')!r} has no class"
+            f" have no classes (a class-agnostic run; image {row.image.image_id!r} has no class"
             " ids), so every label would pass it unchecked. Use min_confidence to threshold every label, and drop"
             " min_confidence_per_class")
 
@@ -206,7 +204,7 @@ def sweep(
     config = dataclasses.replace(config, confidence_column=column)
     totals = np.zeros(len(thresholds), dtype=np.int64)
     for row in store.iter_rows():
-        if row.get("status") == "ok":
+        if row.instances is not None:
             totals += _for_image(row, config,
                                  lambda instances: count_kept(instances, config, thresholds, class_names))
     return [(value, int(total)) for value, total in zip(thresholds, totals)]
@@ -230,74 +228,15 @@ def save_filtered(
     """
     _check_name(name)
     run_id = store.manifest().get("run_id")
-    parent = store.root / "filtered"
+    final = store.copy_dir("filtered", name)
     incomplete = warn_if_incomplete(store, f"filtered copy {name!r}")
-    with staged_folder(parent, name, f"filtered copy {name!r}") as tmp:
+    with staged_folder(final, f"filtered copy {name!r}", finish=write_checksums) as tmp:
         yaml_text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
         write_bytes_atomic(tmp / "filter.yaml", yaml_text.encode("utf-8"), "filter options")
         counts = _write_shards(store, config, class_names, tmp)
         write_json_atomic(tmp / "summary.json", {"format": FILTERED_FORMAT, "name": name, "run_id": run_id, **counts,
                                                  "incomplete": incomplete}, "filter summary")
-    return parent / name
-
-
-@contextlib.contextmanager
-def staged_folder(parent: Path, name: str, what: str) -> Iterator[Path]:
-    """Build ``parent/NAME`` in a hidden temporary folder and swap it into place on success.
-
-    On any error the temporary folder is removed and an existing ``NAME`` is left as it was;
-    OS errors become ``StoreWriteError``.
-    """
-    final, tmp = parent / name, None
-    remove_leftovers(parent, name)
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".{name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(8)}"
-        tmp.mkdir()  # a new folder under an unpredictable name: never one planted in advance
-        yield tmp
-        write_json_atomic(tmp / CHECKSUMS, seal({"files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())
-                                                            if p.is_file()}}), "checksums")
-        swap_into_place(tmp, final)
-    except OSError as exc:
-        if tmp is not None:
-            remove_tree(tmp)
-        raise store_write_error(exc, final, what) from exc
-    except BaseException:
-        if tmp is not None:
-            remove_tree(tmp)
-        raise
-
-
-CHECKSUMS = "checksums.json"  # sealed sha256 of every file of a staged folder, written last
-
-
-def read_verified(folder: Path, name: str) -> bytes:
-    """The bytes of ``folder/name`` (a file of a filtered or reviewed copy) after checking them
-    against the folder's ``checksums.json``; ``CorruptRunError`` naming the file if they differ.
-    Copies made before checksums (no ``checksums.json``) are read as they are."""
-    path = folder / name
-    try:
-        data = path.read_bytes()
-        listing = json.loads((folder / CHECKSUMS).read_bytes())
-    except FileNotFoundError as exc:
-        if Path(exc.filename or "").name != CHECKSUMS:
-            raise CorruptRunError(f"{path} is missing; re-create the copy") from None
-        return data
-    except (OSError, ValueError) as exc:
-        raise CorruptRunError(f"{folder / CHECKSUMS} is unreadable or damaged ({exc}); re-create the copy") from None
-    if not is_sealed(listing):
-        raise CorruptRunError(f"{folder / CHECKSUMS} does not match its own checksum; re-create the copy")
-    if hashlib.sha256(data).hexdigest() != listing["files"].get(name):
-        raise CorruptRunError(f"{path} does not match its sha256 in {CHECKSUMS}: it was damaged after it was"
-                              " written. Re-create the copy (labelgen filter --save / labelgen pull)")
-    return data
-
-
-def read_copy_rows(folder: Path, name: str) -> list[dict]:
-    """The rows of one verified shard file of a filtered or reviewed copy."""
-    data = read_verified(folder, name)
-    with gzip.GzipFile(fileobj=io.BytesIO(data)) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return final
 
 
 def _write_shards(store: RunStore, config: FilterConfig, class_names: Sequence[str] | None, folder: Path) -> dict:
@@ -312,17 +251,11 @@ def _write_shards(store: RunStore, config: FilterConfig, class_names: Sequence[s
                 failed += 1
             else:
                 summary.add(result, class_names)
-            rows.append(_filtered_row(row, result))
-        write_jsonl_gz_atomic(folder / f"{shard.key}.jsonl.gz", rows, f"filtered shard {shard.key}", level=level)
+            rows.append(filtered_row(row, result))
+        write_jsonl_gz_atomic(folder / f"{shard.key}.jsonl.gz", [row.to_dict() for row in rows],
+                              f"filtered shard {shard.key}", level=level)
         shards += 1
     return {"shards": shards, "failed_images": failed, **summary.to_dict()}
-
-
-def _filtered_row(row: dict, result: FilterResult | None) -> dict:
-    if result is None:
-        return {**row, "rejected": []}
-    rejected = [{"index": index, "reason": reason, **detail} for index, reason, detail in result.rejected]
-    return {**row, "instances": result.kept.to_dict(), "rejected": rejected}
 
 
 def compress_level(store: RunStore) -> int:
@@ -338,41 +271,3 @@ def _check_name(name: Any) -> None:
     if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise ConfigError(f"filtered copy name must be a plain folder name (letters, digits, '.', '_', '-';"
                           f" no path separators or '..'; at most 128 characters); got {name!r}")
-
-
-def swap_into_place(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first, then deleted."""
-    old = final.with_name(f".{final.name}{_OLD_MARK}{os.getpid()}-{secrets.token_hex(8)}")
-    if final.exists() or final.is_symlink():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    fsync_dir(final.parent)
-    remove_tree(old)
-
-
-def remove_leftovers(parent: Path, name: str) -> None:
-    """Delete temp/old folders of this NAME left by writers that no longer run."""
-    if not parent.is_dir():
-        return
-    for mark in (TMP_MARK, _OLD_MARK):
-        for path in parent.glob(f".{name}{mark}*"):
-            pid = temp_pid(path.name.replace(_OLD_MARK, TMP_MARK))
-            if pid is not None and (pid == os.getpid() or not _process_alive(pid)):
-                remove_tree(path)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_tree(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink(missing_ok=True)
-    elif path.exists():
-        shutil.rmtree(path, ignore_errors=True)

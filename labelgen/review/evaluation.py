@@ -54,6 +54,7 @@ from ..postprocess.filter_config import FilterConfig
 from ..exports.importers import image_size, import_yolo
 from ..structures.instances import ImageRecord, Instances
 from ..structures.masks import rle_to_json, rle_to_pycocotools
+from ..structures.rows import Row
 
 IOU_TYPES = ("segm", "bbox")
 UNMATCHED_LISTED = 20  # prediction images not in the ground truth listed by name (all are counted)
@@ -133,21 +134,23 @@ def load_ground_truth(gt: str | os.PathLike[str], *, split: str | None = None) -
     if (path / "run.json").is_file():
         source = open_export_source(path)
         root = source.images_root()
-        items = ((item.image, item.instances, _relative_name(item.image, root)) for item in source)
+        keyed = ((row, _relative_name(row.image, root)) for row in source)
         names = None if source.class_agnostic else tuple(source.class_names)
-        return _gt_from_items(items, names, {"kind": "run", "path": str(path), "run_id": source.run_id})
+        return _gt_from_rows(keyed, names, {"kind": "run", "path": str(path), "run_id": source.run_id})
     if path.is_dir() or path.suffix.lower() in (".yaml", ".yml"):
         dataset = import_yolo(path, split=split)
-        items = ((item.image, item.instances, item.image.image_id) for item in dataset)
-        return _gt_from_items(items, dataset.class_names, {"kind": "yolo", "path": str(path), "split": split})
+        keyed = ((row, row.image.image_id) for row in dataset)
+        return _gt_from_rows(keyed, dataset.class_names, {"kind": "yolo", "path": str(path), "split": split})
     raise ExportError(f"ground truth {path} is neither a COCO JSON file, a run directory (run.json) nor a YOLO"
                       " dataset folder / data.yaml")
 
 
-def _gt_from_items(items: Iterable[tuple[ImageRecord, Instances | None, str]], class_names: Sequence[str] | None,
-                   description: dict) -> GroundTruth:
+def _gt_from_rows(keyed: Iterable[tuple[Row, str]], class_names: Sequence[str] | None,
+                  description: dict) -> GroundTruth:
+    """Ground truth from rows, each with the file name it is matched by."""
     images, annotations, failed = [], [], 0
-    for record, instances, key in items:
+    for row, key in keyed:
+        record, instances = row.image, row.instances
         if instances is None:
             failed += 1
             continue
@@ -330,22 +333,22 @@ def _collect_predictions(source: ExportSource, truth: GroundTruth, category_of: 
     index, found = _ImageIndex(truth.images), _Predictions()
     root = source.images_root()
     names = None if source.class_agnostic else source.class_names
-    for item in source:
+    for row in source:
         found.images += 1
-        image_id = index.find(_relative_name(item.image, root), item.image.image_id)
-        if item.instances is None:  # the run's miss: its ground truth is evaluated, with no detections
+        image_id = index.find(_relative_name(row.image, root), row.image.image_id)
+        if row.instances is None:  # the run's miss: its ground truth is evaluated, with no detections
             found.failed += 1
             if image_id is not None:
                 found.covered.add(image_id)
             continue
         if image_id is None or image_id in found.matched:
-            found.unmatched.append(item.image.image_id)
-            found.unmatched_instances += len(item.instances)
+            found.unmatched.append(row.image.image_id)
+            found.unmatched_instances += len(row.instances)
             continue
         found.matched.add(image_id)
         found.covered.add(image_id)
-        scores = item.instances.scores.get("confidence")
-        for i, (rle, bbox, _, class_id) in enumerate(_instance_rows(item.instances)):
+        scores = row.instances.scores.get("confidence")
+        for i, (rle, bbox, _, class_id) in enumerate(_instance_rows(row.instances)):
             known = names is not None and class_id is not None and class_id < len(names)
             name = names[class_id] if known else f"<class id {class_id}>"
             category = 1 if category_of is None else category_of.get(name)

@@ -27,14 +27,16 @@ import html
 import io
 import random
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from . import report_plots
 from ..atomic import write_bytes_atomic
 from ..errors import ImageDecodeError, ValidationError
+from ..structures.instances import Instances
 from ..structures.masks import rle_areas, rles_to_masks
+from ..structures.rows import Row
 from ..store.status import run_status
 from ..store.run_store import RunStore
 
@@ -103,37 +105,37 @@ class _Accumulator:
         self.area_counts = np.zeros(len(AREA_EDGES) - 1, np.int64)
         self.empty_masks = 0
         self.sample_size, self.rng = sample_images, random.Random(seed)
-        self.reservoir: list[tuple[int, dict]] = []
+        self.reservoir: list[tuple[int, Row]] = []
 
-    def add(self, row: Mapping[str, Any]) -> None:
+    def add(self, row: Row) -> None:
         self.rows += 1
-        if row.get("status") != "ok":
+        instances = row.instances
+        if instances is None:
             self.failed += 1
-            self.reasons[(row.get("failure") or {}).get("reason", "unknown")] += 1
+            self.reasons[row.failure.get("reason", "unknown")] += 1
             return
         self._sample(row)
         self.ok += 1
-        instances = row["instances"]
-        count = len(instances["masks_rle"])
+        count = len(instances)
         self.instances += count
         self.per_image[count] += 1
-        self._add_classes(instances.get("class_ids"), count)
-        for name, values in instances.get("scores", {}).items():
+        self._add_classes(None if instances.class_ids is None else instances.class_ids.tolist(), count)
+        for name, values in instances.scores.items():
             self._add_scores(name, np.asarray(values, dtype=np.float64))
         if count:
-            fractions = rle_areas(instances["masks_rle"]) / float(instances["height"] * instances["width"])
+            fractions = rle_areas(instances.masks_rle) / float(instances.height * instances.width)
             self.empty_masks += int(np.count_nonzero(fractions == 0))
             nonzero = np.clip(fractions[fractions > 0], AREA_EDGES[0], AREA_EDGES[-1])
             self.area_counts += np.histogram(nonzero, bins=AREA_EDGES)[0]
 
-    def _sample(self, row: Mapping[str, Any]) -> None:
+    def _sample(self, row: Row) -> None:
         """Algorithm R over labelled rows: row ``i`` replaces a random slot with probability k / (i + 1)."""
         if len(self.reservoir) < self.sample_size:
-            self.reservoir.append((self.ok, dict(row)))
+            self.reservoir.append((self.ok, row))
             return
         slot = self.rng.randrange(self.ok + 1)
         if slot < self.sample_size:
-            self.reservoir[slot] = (self.ok, dict(row))
+            self.reservoir[slot] = (self.ok, row)
 
     def _add_classes(self, class_ids: list[int] | None, count: int) -> None:
         if class_ids is None or self.class_names is None:
@@ -174,14 +176,14 @@ class _Accumulator:
                                    "empty": self.empty_masks},
             "labels_per_class": labels,
             "failures_by_reason": dict(sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
-            "sample": [row["image"]["image_id"] for _, row in self.sample_rows()],
+            "sample": [row.image.image_id for _, row in self.sample_rows()],
         }
 
-    def sample_rows(self) -> list[tuple[int, dict]]:
+    def sample_rows(self) -> list[tuple[int, Row]]:
         return sorted(self.reservoir, key=lambda item: item[0])
 
 
-def _collect(store: RunStore, sample_images: int, seed: int) -> tuple[dict[str, Any], list[dict]]:
+def _collect(store: RunStore, sample_images: int, seed: int) -> tuple[dict[str, Any], list[Row]]:
     if isinstance(sample_images, bool) or not isinstance(sample_images, int) or sample_images < 0:
         raise ValidationError(f"sample_images must be an int >= 0 (e.g. 12); got {sample_images!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -225,23 +227,23 @@ class _NotShown(Exception):
         self.reason, self.message = reason, message
 
 
-def _contact_card(row: Mapping[str, Any], class_names: list[str] | None) -> str:
+def _contact_card(row: Row, class_names: list[str] | None) -> str:
     """One ``<figure>``: the overlaid thumbnail, or a placeholder naming why the image can't be shown."""
-    image, instances = row["image"], row["instances"]
-    count = len(instances["masks_rle"])
-    caption = f"{_e(image['image_id'])}<br>{image['width']}×{image['height']}, {count} instances"
+    image, instances = row.image, row.instances
+    count = len(instances)
+    caption = f"{_e(image.image_id)}<br>{image.width}×{image.height}, {count} instances"
     if count > MAX_DRAWN:
         caption += f" ({MAX_DRAWN} drawn)"
     try:
-        jpeg = _overlay_thumbnail(image["uri"], instances, class_names)
+        jpeg = _overlay_thumbnail(image.uri, instances, class_names)
     except _NotShown as exc:
         body = f'<div class="placeholder"><b>{_e(exc.reason)}</b><br>{_e(exc.message)}</div>'
         return f'<figure class="card">{body}<figcaption>{caption}</figcaption></figure>'
-    body = f'<img alt="{_e(image["image_id"])}" src="{_data_uri(jpeg, "image/jpeg")}">'
+    body = f'<img alt="{_e(image.image_id)}" src="{_data_uri(jpeg, "image/jpeg")}">'
     return f'<figure class="card">{body}<figcaption>{caption}</figcaption></figure>'
 
 
-def _overlay_thumbnail(uri: str, instances: Mapping[str, Any], class_names: list[str] | None) -> bytes:
+def _overlay_thumbnail(uri: str, instances: Instances, class_names: list[str] | None) -> bytes:
     """JPEG bytes: the image scaled to ``THUMB_WIDTH`` with masks, boxes and labels drawn on."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -251,7 +253,7 @@ def _overlay_thumbnail(uri: str, instances: Mapping[str, Any], class_names: list
         rgb, info = read_image_rgb(uri, compute_sha256=False)
     except ImageDecodeError as exc:
         raise _NotShown(exc.reason, str(exc)) from None
-    height, width = instances["height"], instances["width"]
+    height, width = instances.height, instances.width
     if (info["height"], info["width"]) != (height, width):
         raise _NotShown("size_changed", f"the image is now {info['width']}x{info['height']} but its labels are"
                                         f" for {width}x{height}; was the file replaced?")
@@ -262,12 +264,12 @@ def _overlay_thumbnail(uri: str, instances: Mapping[str, Any], class_names: list
     labels = _instance_labels(instances, class_names)
     order = _draw_order(instances)
     for i in order:  # masks first, so boxes and text stay on top
-        mask = rles_to_masks([instances["masks_rle"][i]], height, width)[0]
+        mask = rles_to_masks([instances.masks_rle[i]], height, width)[0]
         alpha = Image.fromarray(mask.astype(np.uint8) * 110).resize(size, resample)
         thumb.paste(_colour(i), (0, 0, *size), alpha)
     draw, font = ImageDraw.Draw(thumb), ImageFont.load_default(size=11)
     for i in order:
-        x1, y1, x2, y2 = (v * s for v, s in zip(instances["boxes_xyxy"][i], (scale, scale) * 2))
+        x1, y1, x2, y2 = (v * s for v, s in zip(instances.boxes_xyxy[i].tolist(), (scale, scale) * 2))
         draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=_colour(i), width=2)
         if labels[i]:
             left, top, right, bottom = draw.textbbox((x1 + 2, y1 + 1), labels[i], font=font)
@@ -278,24 +280,25 @@ def _overlay_thumbnail(uri: str, instances: Mapping[str, Any], class_names: list
     return buffer.getvalue()
 
 
-def _confidence_column(instances: Mapping[str, Any]) -> list[float] | None:
-    scores = instances.get("scores", {})
+def _confidence_column(instances: Instances) -> list[float] | None:
+    scores = instances.scores
     if "confidence" in scores:
-        return scores["confidence"]
-    return scores[sorted(scores)[0]] if scores else None
+        return scores["confidence"].tolist()
+    return scores[sorted(scores)[0]].tolist() if scores else None
 
 
-def _draw_order(instances: Mapping[str, Any]) -> list[int]:
+def _draw_order(instances: Instances) -> list[int]:
     """Indices of the instances to draw: at most ``MAX_DRAWN``, highest confidence first."""
-    count = len(instances["masks_rle"])
+    count = len(instances)
     confidence = _confidence_column(instances)
     if confidence is None:
         return list(range(min(count, MAX_DRAWN)))
     return sorted(range(count), key=lambda i: (-confidence[i], i))[:MAX_DRAWN]
 
 
-def _instance_labels(instances: Mapping[str, Any], class_names: list[str] | None) -> list[str]:
-    count, class_ids = len(instances["masks_rle"]), instances.get("class_ids")
+def _instance_labels(instances: Instances, class_names: list[str] | None) -> list[str]:
+    count = len(instances)
+    class_ids = None if instances.class_ids is None else instances.class_ids.tolist()
     confidence = _confidence_column(instances)
     labels = []
     for i in range(count):

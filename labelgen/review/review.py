@@ -23,7 +23,6 @@ the dataset (shards committed after the export) are copied unchanged.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import re
@@ -37,17 +36,18 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from ..atomic import write_bytes_atomic, write_json_atomic, write_jsonl_gz_atomic
+from ..atomic import staged_folder, write_bytes_atomic, write_json_atomic, write_jsonl_gz_atomic
 from ..config import from_mapping
 from ..errors import ConfigError, ExportError
-from ..exports.fiftyone import (FIELD, FiftyOneExportReport, SourceRow, box_pixels, detection_label,
-                                      export_fiftyone, import_fiftyone, iter_source_rows, recorded_datasets)
+from ..exports.fiftyone import (FIELD, FiftyOneExportReport, box_pixels, detection_label, export_fiftyone,
+                                import_fiftyone, recorded_datasets, row_origin)
 from ..exports.source import ExportSource, open_export_source
 from ..postprocess.filter_config import FilterConfig
-from ..postprocess.filter_store import compress_level, staged_folder
+from ..postprocess.filter_store import compress_level
 from ..structures.instances import Instances
 from ..structures.masks import mask_to_rle, rles_to_masks
-from ..store.run_store import RunStore
+from ..structures.rows import Row
+from ..store.run_store import RunStore, write_checksums
 
 REVIEWED_FORMAT = "labelgen-reviewed/1"
 APPROVED_TAG, REJECTED_TAG = "approved", "rejected"
@@ -189,9 +189,8 @@ def pull_review(run_dir: str | Path, dataset_name: str | None = None, name: str 
                           f" not {run_id} of {store.root}")
     spec = json.loads(json.dumps(dataset.info.get("labelgen_source") or {}))  # FiftyOne's dict types -> plain
     base = _base_source(run_dir, spec)
-    parent = store.root / "reviewed"
-    final = parent / name
-    with staged_folder(parent, name, f"reviewed copy {name!r}") as tmp:
+    final = store.copy_dir("reviewed", name)
+    with staged_folder(final, f"reviewed copy {name!r}", finish=write_checksums) as tmp:
         counts, shards = _write_shards(fo, dataset, base, tmp, compress_level(store))
         write_bytes_atomic(tmp / "review.yaml", yaml.safe_dump(
             {"dataset": dataset_name, "base": spec, "rules": RULES},
@@ -219,11 +218,10 @@ def _base_source(run_dir: str | Path, spec: dict) -> ExportSource:
 def _write_shards(fo: Any, dataset: Any, base: ExportSource, folder: Path, level: int) -> tuple[dict, int]:
     reviewer = _Reviewer(list(base.class_names), base.class_agnostic)
     shards = 0
-    for shard, group in itertools.groupby(iter_source_rows(base), key=lambda r: r.item.shard):
-        rows = list(group)
-        samples = _samples_by_image(fo, dataset, [r.item.image.image_id for r in rows])
-        out = [reviewer.row(r, samples.get(r.item.image.image_id)) for r in rows]
-        write_jsonl_gz_atomic(folder / f"{shard:06d}.jsonl.gz", out, f"reviewed shard {shard:06d}", level=level)
+    for shard, _, rows in base.iter_shards():
+        samples = _samples_by_image(fo, dataset, [r.image.image_id for r in rows])
+        out = [reviewer.row(r, row_origin(base, r), samples.get(r.image.image_id)).to_dict() for r in rows]
+        write_jsonl_gz_atomic(folder / f"{shard.key}.jsonl.gz", out, f"reviewed shard {shard.key}", level=level)
         shards += 1
     return {key: reviewer.counts[key] for key in _COUNT_KEYS}, shards
 
@@ -249,30 +247,29 @@ class _Reviewer:
         self.class_names, self.agnostic = list(class_names), agnostic
         self.counts: Counter = Counter()
 
-    def row(self, row: SourceRow, sample: tuple[list[str], list[Any]] | None) -> dict:
-        item = row.item
-        out: dict[str, Any] = {"image": item.image.to_dict(), "rejected": list(row.rejected)}
+    def row(self, row: Row, origin: tuple[int | None, ...], sample: tuple[list[str], list[Any]] | None) -> Row:
+        """The reviewed copy's row of ``row`` (``origin``: ``row_origin``) under ``sample``'s review."""
         self.counts["images"] += 1
-        if item.instances is None:
+        if row.instances is None:
             self.counts["failed_images"] += 1
-            return {**out, "status": "failed", "failure": row.failure}
-        instances, origin = item.instances, list(row.origin)
+            return Row(row.image, failure=row.failure, rejected=())
         if sample is None:
             self.counts["images_not_in_dataset"] += 1
-            kept, added, rejected = [_Kept(p) for p in range(len(instances))], [], []
+            kept, added, rejected = [_Kept(p) for p in range(len(row.instances))], [], []
         else:
-            kept, added, rejected = self._decide(row, *sample)
+            kept, added, rejected = self._decide(row, origin, *sample)
         self.counts["rejected"] += len(rejected)
-        out["rejected"] = sorted(out["rejected"] + [r for r in rejected if r["index"] is not None],
-                                 key=lambda r: (r["index"], r["reason"]))
-        reviewed, source_indices = _assemble(instances, origin, kept, added, self.agnostic)
+        rejected = sorted([*(row.rejected or ()), *(r for r in rejected if r["index"] is not None)],
+                          key=lambda r: (r["index"], r["reason"]))
+        reviewed, source_indices = _assemble(row.instances, list(origin), kept, added, self.agnostic)
         self.counts.update(k.status or "untouched" for k in kept)
         self.counts["added"] += len(added)
-        return {**out, "status": "ok", "instances": reviewed.to_dict(), "source_indices": source_indices,
-                "review": {"sample_tags": sample[0] if sample else None}}
+        return Row(row.image, reviewed, rejected=rejected, source_indices=source_indices,
+                   review={"sample_tags": sample[0] if sample else None})
 
-    def _decide(self, row: SourceRow, tags: list[str], detections: list[Any]) -> tuple[list, list, list]:
-        instances, origin, image_id = row.item.instances, row.origin, row.item.image.image_id
+    def _decide(self, row: Row, origin: tuple[int | None, ...], tags: list[str], detections: list[Any]
+                ) -> tuple[list, list, list]:
+        instances, image_id = row.instances, row.image.image_id
         image_rejected = REJECTED_TAG in tags
         image_approved = APPROVED_TAG in tags and not image_rejected
         self.counts["images_rejected"] += image_rejected

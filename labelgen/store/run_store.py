@@ -13,6 +13,10 @@ Layout (the contract is ``docs/run-directory.md``)::
       .lock             held (flock) by the one process running the plan
       archive/RUN_ID/   an earlier run moved aside by --new-run
       corrupt/          committed files that failed verification, moved aside (their shards are redone)
+      filtered/NAME/, reviewed/NAME/   copies: per-shard rows, sealed by their checksums.json
+
+Readers get ``Row``s (``labelgen.structures.rows``): of the run (``iter_rows``, ``iter_committed``)
+or of one of its copies (the same calls with ``copy=store.copy_dir(kind, name)``).
 
 Every committed file is checksummed where it cannot be edited with it: ``run.json`` seals itself and
 holds the sha256 of ``config.yaml`` and of ``plan.jsonl``; each done record seals itself and holds
@@ -51,8 +55,9 @@ from ..atomic import (
     write_jsonl_gz_atomic,
 )
 from ..config import IDENTITY_SECTIONS, Recipe, canonical_json, config_diff, load_yaml
-from ..errors import ConfigError, ConfigMismatchError, CorruptRunError, RunLockedError, RunStoreError
+from ..errors import ConfigError, ConfigMismatchError, CorruptRunError, ExportError, RunLockedError, RunStoreError
 from ..structures.instances import ImageRecord
+from ..structures.rows import Row
 from ..versions import library_versions
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,7 @@ PLAN_FORMAT = "labelgen-plan/1"
 DONE_FORMAT = "labelgen-shard-done/2"
 LEGACY_DONE_FORMAT = "labelgen-shard-done/1"
 SEAL_KEY = "checksum"
+CHECKSUMS = "checksums.json"  # a copy's sealed sha256 of every file, written last
 
 
 def seal(record: dict[str, Any]) -> dict[str, Any]:
@@ -240,21 +246,23 @@ class RunStore:
 
     def initialize(self, recipe: Recipe, source_spec: dict[str, Any], records: Sequence[ImageRecord]) -> None:
         """Create a new run: config, plan, then run.json last (its presence marks a complete init)."""
-        if any(self.shards_dir.glob("*.done.json")):
-            raise RunStoreError(f"{self.root} has committed shards but no run.json; refusing to overwrite them")
-        config = yaml.safe_dump(recipe.to_dict(), sort_keys=False).encode()
-        self._initialize(config, plan_shards(records, recipe.store.shard_size), {
+        self._initialize(recipe.to_dict(), records, recipe.store.shard_size, {
             "fingerprint": recipe.fingerprint(),
             "generator": recipe.generator.name,
             "class_names": None if recipe.class_names() is None else list(recipe.class_names()),
             "source": source_spec,
         })
 
-    def _initialize(self, config_yaml: bytes, shards: Sequence[ShardSpec], identity: dict[str, Any]) -> None:
-        """config.yaml, plan.jsonl, then run.json (sealed, holding both files' sha256) last."""
+    def _initialize(self, config: dict[str, Any], records: Sequence[ImageRecord], shard_size: int,
+                    identity: dict[str, Any]) -> None:
+        """config.yaml, plan.jsonl (``records`` in shards of ``shard_size``), then run.json (``identity``
+        plus format, run id, versions; sealed, holding both files' sha256) last."""
+        if any(self.shards_dir.glob("*.done.json")):
+            raise RunStoreError(f"{self.root} has committed shards but no run.json; refusing to overwrite them")
         self._make_dirs()
+        config_yaml = yaml.safe_dump(config, sort_keys=False).encode()
         write_bytes_atomic(self.config_yaml, config_yaml, "config")
-        plan = self._write_plan(self.plan_jsonl, shards, identity["fingerprint"])
+        plan = self._write_plan(self.plan_jsonl, plan_shards(records, shard_size), identity["fingerprint"])
         manifest = {
             "format": RUN_FORMAT,
             "run_id": f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}",
@@ -270,14 +278,12 @@ class RunStore:
                           records: Sequence[ImageRecord], shard_size: int) -> None:
         """Like ``initialize``, for labels imported from a dataset (generator ``"import"``): no recipe;
         the fingerprint covers the import ``spec`` (the run's ``source``), class names and shard size."""
-        if any(self.shards_dir.glob("*.done.json")):
-            raise RunStoreError(f"{self.root} has committed shards but no run.json; refusing to overwrite them")
         identity = {"generator": {"name": "import"}, "source": spec, "class_names": list(class_names),
                     "store": {"shard_size": shard_size, "compress_level": 6}}
         fingerprint = hashlib.sha256(canonical_json(identity).encode()).hexdigest()
         config = {"description": f"labels imported from {spec.get('import', {}).get('format', 'a dataset')}",
                   **identity}
-        self._initialize(yaml.safe_dump(config, sort_keys=False).encode(), plan_shards(records, shard_size), {
+        self._initialize(config, records, shard_size, {
             "fingerprint": fingerprint, "generator": "import", "class_names": list(class_names), "source": spec,
         })
 
@@ -473,11 +479,14 @@ class RunStore:
         """The shard's commit record if it is valid for this plan entry (and config), else ``None``."""
         return self.shard_state(shard, fingerprint, verify=verify).record
 
-    def read_rows(self, shard: ShardSpec, done: dict) -> list[dict]:
+    def read_rows(self, shard: ShardSpec, done: dict) -> list[Row]:
         """The committed rows of ``shard``, after its bytes are checked against ``done``'s sha256.
 
         Raises ``CorruptRunError`` naming the file when they are not: no row of a damaged shard is
         ever returned. Holds one shard in memory (shards are small by design)."""
+        return _parse_rows(self.shard_output(shard.index), self._verified_output(shard, done))
+
+    def _verified_output(self, shard: ShardSpec, done: dict) -> bytes:
         path = self.shard_output(shard.index)
         try:
             data = path.read_bytes()
@@ -486,17 +495,15 @@ class RunStore:
         if len(data) != done.get("bytes") or hashlib.sha256(data).hexdigest() != done.get("sha256"):
             raise CorruptRunError(f"{path} does not match the sha256 in its done record: it was damaged after"
                                   " commit. `labelgen run` moves it to corrupt/ and redoes the shard.")
-        try:
-            with gzip.GzipFile(fileobj=io.BytesIO(data)) as handle:
-                return [json.loads(line) for line in handle if line.strip()]
-        except (OSError, EOFError, ValueError) as exc:  # verified bytes that do not parse: a writer bug
-            raise CorruptRunError(f"{path} verifies but does not parse ({exc})") from None
+        return data
 
-    def iter_committed(self, on_corrupt: Any = None) -> Iterator[tuple[ShardSpec, dict, list[dict]]]:
+    def iter_committed(self, on_corrupt: Any = None, copy: Path | None = None
+                       ) -> Iterator[tuple[ShardSpec, dict, list[Row]]]:
         """``(shard, done record, rows)`` of every committed shard that verifies, in plan order.
 
         A shard that does not verify is skipped: ``on_corrupt(shard, problem)`` is called, or a
-        warning naming the file is logged."""
+        warning naming the file is logged. ``copy`` (``copy_dir(kind, name)``): the rows are that
+        copy's rows of the shard (``read_copy_rows``: a damaged or missing one raises)."""
         for shard in self.iter_plan():
             state = self.shard_state(shard)
             if state.state == "pending":
@@ -504,15 +511,19 @@ class RunStore:
             try:
                 if state.record is None:
                     raise CorruptRunError(str(state.problem))
-                rows = self.read_rows(shard, state.record)
+                data = self._verified_output(shard, state.record)
+                rows = _parse_rows(self.shard_output(shard.index), data) if copy is None else None
             except CorruptRunError as exc:
-                if on_corrupt is not None:
-                    on_corrupt(shard, str(exc))
-                elif shard.index not in self._warned:  # once per shard, however often it is read
-                    self._warned.add(shard.index)
-                    log.warning("skipping shard %s: %s", shard.key, exc)
+                self._skip_corrupt(shard, exc, on_corrupt)
                 continue
-            yield shard, state.record, rows
+            yield shard, state.record, rows if rows is not None else self.read_copy_rows(copy, shard.index)
+
+    def _skip_corrupt(self, shard: ShardSpec, exc: CorruptRunError, on_corrupt: Any) -> None:
+        if on_corrupt is not None:
+            on_corrupt(shard, str(exc))
+        elif shard.index not in self._warned:  # once per shard, however often it is read
+            self._warned.add(shard.index)
+            log.warning("skipping shard %s: %s", shard.key, exc)
 
     def quarantine(self, shard: ShardSpec, problem: str) -> Path:
         """Under the lock: move a corrupt shard's files to ``corrupt/`` so the shard is redone."""
@@ -529,10 +540,10 @@ class RunStore:
             raise store_write_error(exc, target, "quarantine of a corrupt shard") from exc
         return target
 
-    def commit_shard(self, shard: ShardSpec, rows: list[dict], summary: dict[str, Any], level: int = 6) -> dict:
+    def commit_shard(self, shard: ShardSpec, rows: Sequence[Row], summary: dict[str, Any], level: int = 6) -> dict:
         """Write the shard's output, then its sealed done record; both atomic. Returns the done record."""
         output = self.shard_output(shard.index)
-        write_jsonl_gz_atomic(output, rows, f"shard {shard.key} output", level=level)
+        write_jsonl_gz_atomic(output, [row.to_dict() for row in rows], f"shard {shard.key} output", level=level)
         done = seal({
             "format": DONE_FORMAT,
             "shard": shard.index,
@@ -562,10 +573,25 @@ class RunStore:
         return remove_stale_temps(self.shards_dir) + remove_stale_temps(self.root)
 
     # -- reading results ----------------------------------------------------------------
-    def iter_rows(self, on_corrupt: Any = None) -> Iterator[dict]:
-        """Every committed image row that verifies, shard by shard in plan order (see ``iter_committed``)."""
-        for _, _, rows in self.iter_committed(on_corrupt):
+    def iter_rows(self, on_corrupt: Any = None, copy: Path | None = None) -> Iterator[Row]:
+        """Every committed image row that verifies (or the ``copy``'s rows of those shards), shard by
+        shard in plan order (see ``iter_committed``)."""
+        for _, _, rows in self.iter_committed(on_corrupt, copy):
             yield from rows
+
+    # -- copies: filtered/NAME, reviewed/NAME ---------------------------------------------
+    def copy_dir(self, kind: str, name: str) -> Path:
+        """The folder of the ``kind`` (``filtered`` | ``reviewed``) copy ``name``."""
+        return self.root / kind / name
+
+    def read_copy_rows(self, copy: Path, index: int) -> list[Row]:
+        """The rows of shard ``index`` of the copy in folder ``copy``, verified against its
+        ``checksums.json`` (``read_verified``). ``ExportError`` when the copy has no such shard."""
+        path = copy / f"{index:06d}.jsonl.gz"
+        if not path.is_file():
+            raise ExportError(f"{copy.parent.name} copy {copy.name!r} has no shard {index:06d} ({path});"
+                              f" re-create it (it predates shards committed since)")
+        return _parse_rows(path, read_verified(copy, path.name))
 
     def write_failures_ledger(self) -> int:
         """Rebuild ``failures.jsonl`` from the done records (streaming); return the number of failures."""
@@ -581,6 +607,43 @@ class RunStore:
 
 _RESTORE = ("Nothing was changed. Restore the file from a backup, or start over with --new-run"
             " (moves this run to archive/)")
+
+
+def write_checksums(folder: Path) -> None:
+    """Seal a copy: ``checksums.json`` with the sha256 of every file in ``folder`` (write it last)."""
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    write_json_atomic(folder / CHECKSUMS, seal({"files": files}), "checksums")
+
+
+def read_verified(folder: Path, name: str) -> bytes:
+    """The bytes of ``folder/name`` (a file of a filtered or reviewed copy) after checking them
+    against the folder's ``checksums.json``; ``CorruptRunError`` naming the file if they differ.
+    Copies made before checksums (no ``checksums.json``) are read as they are."""
+    path = folder / name
+    try:
+        data = path.read_bytes()
+        listing = json.loads((folder / CHECKSUMS).read_bytes())
+    except FileNotFoundError as exc:
+        if Path(exc.filename or "").name != CHECKSUMS:
+            raise CorruptRunError(f"{path} is missing; re-create the copy") from None
+        return data
+    except (OSError, ValueError) as exc:
+        raise CorruptRunError(f"{folder / CHECKSUMS} is unreadable or damaged ({exc}); re-create the copy") from None
+    if not is_sealed(listing):
+        raise CorruptRunError(f"{folder / CHECKSUMS} does not match its own checksum; re-create the copy")
+    if hashlib.sha256(data).hexdigest() != listing["files"].get(name):
+        raise CorruptRunError(f"{path} does not match its sha256 in {CHECKSUMS}: it was damaged after it was"
+                              " written. Re-create the copy (labelgen filter --save / labelgen pull)")
+    return data
+
+
+def _parse_rows(path: Path, data: bytes) -> list[Row]:
+    """The rows of a verified shard file's bytes (gzip JSON Lines)."""
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as handle:
+            return [Row.from_dict(json.loads(line)) for line in handle if line.strip()]
+    except (OSError, EOFError, ValueError) as exc:  # verified bytes that do not parse: a writer bug
+        raise CorruptRunError(f"{path} verifies but does not parse ({exc})") from None
 
 
 def _file_digest(path: Path) -> tuple[str, int] | None:

@@ -17,6 +17,7 @@ import numpy as np
 from ..checks import bounded, check_fields, check_strings
 from ..generators import GENERATORS, Generator
 from ..structures.instances import ImageRecord, Instances
+from ..structures.rows import Row, summarize
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +131,10 @@ def write_synthetic_run(root: Any, images: int, per_image: int, width: int, heig
     store.initialize(recipe, {"kind": "synthetic", "images": images}, records)
     rng = np.random.default_rng(seed)
     for shard in store.iter_plan():
-        rows = [{"image": r.to_dict(), "status": "ok",
-                 "instances": synthetic_instances(rng, per_image, width, height, len(class_names)).to_dict()}
-                for r in shard.images]
+        rows = [Row(r, synthetic_instances(rng, per_image, width, height, len(class_names))) for r in shard.images]
         now = utc_now()
-        summary = {"fingerprint": recipe.fingerprint(), "images": len(rows), "ok": len(rows), "failed": 0,
-                   "instances": per_image * len(rows), "failures": [], "failure_reasons": {},
-                   "started": now, "finished": now, "seconds": 0.0, "provenance": {"generator": "synthetic"}}
+        summary = {**summarize(rows), "fingerprint": recipe.fingerprint(), "started": now, "finished": now,
+                   "seconds": 0.0, "provenance": {"generator": "synthetic"}}
         store.commit_shard(shard, rows, summary, level=recipe.store.compress_level)
 
 
