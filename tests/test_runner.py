@@ -1,5 +1,6 @@
 """Running recipes end to end in-process: failures recorded, parallel == serial, crashed shards."""
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,16 @@ def test_status_counts_and_throughput(tmp_path, image_dir):
     assert status["throughput"]["images_per_worker_second"] > 0
     text = format_status(status)
     assert "3 done, 0 pending, 0 failed, of 3" in text and "10 labelled" in text
+
+
+def test_ray_backend_without_ray_installed_writes_nothing(tmp_path, image_dir, monkeypatch):
+    import importlib.util
+
+    from labelgen.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(ConfigError, match=r"labelgen\[cluster\]"):
+        run(make_recipe("execution.backend=ray"), FolderSource(image_dir), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -359,11 +359,19 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
                           " runtime") from None
 
 
+def check_backend_available(execution: ExecutionConfig) -> None:
+    """Before anything is written: ``ConfigError`` if the backend's package is not installed."""
+    import importlib.util
+
+    if execution.backend == "ray" and importlib.util.find_spec("ray") is None:
+        _import_ray()
+
+
 def _import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise ConfigError("execution.backend=ray needs the ray package (pip install ray);"
+        raise ConfigError("execution.backend=ray needs the ray package (pip install 'labelgen[cluster]');"
                           " or use --backend local") from None
     return ray
 

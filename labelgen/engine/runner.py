@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..atomic import store_write_error
-from .backends import ShardWork, backend_for
+from .backends import ShardWork, backend_for, check_backend_available
 from ..config import Recipe
 from ..errors import GeneratorError, LabelgenError, RunStoreError, StoreWriteError, WeightsNotFoundError
 from ..generators import GENERATORS, Generator
@@ -59,6 +59,7 @@ def run(
     store = RunStore(out)
     generator_cls = GENERATORS.get(recipe.generator.name)
     checked = not store.exists() or new_run
+    check_backend_available(recipe.execution)
     records = None
     if checked:  # before anything is written: fixing the recipe must not look like a new config
         _preflight(generator_cls, recipe)
