@@ -36,6 +36,12 @@ def _add_label_source_options(parser: argparse.ArgumentParser, verb: str, filter
                         help=f"filter option {filtering}, e.g. --set min_confidence=0.5")
 
 
+def _add_min_precision_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--min-precision", type=float, metavar="P",
+                        help="keep the largest set of labels whose estimated precision reaches P (needs --calibration)")
+    parser.add_argument("--calibration", metavar="NAME", help="calibration RUN_DIR/calibration/NAME (`labelgen calibrate`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labelgen", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="report labels kept per min-confidence value: 'start:stop:step' or 'v1,v2,...'")
     filt.add_argument("--sweep-column", default=None, help="score column to sweep (default: the confidence column)")
     filt.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_min_precision_options(filt)
 
     exp = sub.add_parser("export", help="export labels to COCO, YOLO or a FiftyOne dataset")
     exp.add_argument("run_dir")
@@ -107,6 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="yolo segment: what to do with masks of several parts")
     exp.add_argument("--images", dest="yolo_images", default="symlink", choices=["symlink", "copy", "none"],
                      help="yolo: how images are placed in the export")
+    _add_min_precision_options(exp)
+
+    cal = sub.add_parser("calibrate", help="fit P(label correct) from a pulled review sample: p_correct, the run's"
+                                           " precision/recall at every threshold (RUN_DIR/calibration/NAME.json)")
+    cal.add_argument("run_dir")
+    cal.add_argument("--reviewed", required=True, metavar="NAME", help="the pulled review sample RUN_DIR/reviewed/NAME")
+    cal.add_argument("--name", help="calibration name (default: the --reviewed NAME)")
+    cal.add_argument("--method", default="logistic", choices=["isotonic", "logistic"],
+                     help="logistic on the score logits (one or more columns; default) or isotonic (one column;"
+                          " its intervals undercover on small samples, see docs/review.md)")
+    cal.add_argument("--columns", default="confidence", help="score columns, comma-separated (default confidence)")
+    cal.add_argument("--target", type=float, default=0.9, help="target precision to find the threshold of (default 0.9)")
+    cal.add_argument("--min-class-labels", type=int, default=50,
+                     help="reviewed labels a class needs for a fit of its own; rarer classes share the pooled fit")
+    cal.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates (default 200)")
+    cal.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+
 
     rev = sub.add_parser("review", help="export to FiftyOne and serve the App on localhost until Ctrl-C (URL printed)")
     rev.add_argument("run_dir")
@@ -197,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands = {"run": _cmd_run, "status": _cmd_status, "filter": _cmd_filter, "export": _cmd_export,
                     "review": _cmd_review, "pull": _cmd_pull, "import": _cmd_import, "generators": _cmd_generators,
                     "exporters": _cmd_exporters,
-                    "report": _cmd_report, "eval": _cmd_eval, "recipes": _cmd_recipes}
+                    "report": _cmd_report, "eval": _cmd_eval, "recipes": _cmd_recipes,
+                    "calibrate": _cmd_calibrate}
         return commands[args.command](args)
     except LabelgenError as exc:
         print(f"labelgen: error: {exc}", file=sys.stderr)
@@ -317,6 +342,12 @@ def _cmd_filter(args: argparse.Namespace) -> int:
     overrides += [f"{key}=true" for key in ("drop_border", "fill_holes") if getattr(args, key)]
     config = load_filter_config(args.config, overrides)
     store = RunStore(args.run_dir)
+    selection = None
+    if args.min_precision is not None:
+        from .review.calibration import min_precision_filter
+
+        store, config, selection = min_precision_filter(args.run_dir, args.calibration, args.min_precision, config)
+        print(f"min precision {args.min_precision}: {json.dumps(selection)}", file=sys.stderr)
     class_names = store.manifest().get("class_names")
     if not args.save:  # save_filtered warns itself (and records it in summary.json)
         warn_if_incomplete(store, "filter")
@@ -387,8 +418,45 @@ def _cmd_export(args: argparse.Namespace) -> int:
         filter_config = load_filter_config(args.filter_config, args.overrides)
     source = open_export_source(args.run_dir, filter_config=filter_config, filtered=args.filtered,
                                 reviewed=args.reviewed)
+    selection = None
+    if args.min_precision is not None:
+        import dataclasses
+
+        from .review.calibration import min_precision_filter, record_in_export_report
+
+        if args.filtered or args.reviewed:
+            raise LabelgenError("--min-precision applies to the run's own labels: drop --filtered/--reviewed")
+        store, config, selection = min_precision_filter(args.run_dir, args.calibration, args.min_precision,
+                                                        filter_config)
+        source = dataclasses.replace(source, store=store, filter_config=config)
     report = export(args.format, source, _export_request(args))
+    if selection is not None and args.out:
+        record_in_export_report(args.out, selection)
     print(_report_text(report))
+    if selection is not None:
+        print(json.dumps({"precision_target": selection}, indent=1))
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .review.calibration import calibrate_run, calibration_paths
+
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()]
+    data = calibrate_run(args.run_dir, args.reviewed, name=args.name, method=args.method, columns=columns,
+                         target=args.target, min_class_labels=args.min_class_labels, replicates=args.bootstrap,
+                         seed=args.seed)
+    json_path, png_path = calibration_paths(args.run_dir, data["name"])
+    point = data["threshold"]
+    print(f"calibrated on {data['sample']['labels']} labels of {data['sample']['images']} reviewed images"
+          f" ({data['method']}); ECE raw {data['ece']['raw']:.3f} -> calibrated {data['ece']['calibrated']:.3f}")
+    if point is None:
+        print(f"no threshold reaches an estimated precision of {data['target_precision']}")
+    else:
+        print(f"precision {data['target_precision']}: p_correct >= {point['threshold']} keeps {point['kept']} of"
+              f" {data['run']['labels']} labels, estimated precision {point['precision']:.3f}"
+              f" [{point['precision_low']:.3f}, {point['precision_high']:.3f}], recall {point['recall']:.3f}"
+              f" [{point['recall_low']:.3f}, {point['recall_high']:.3f}]")
+    print(f"wrote {json_path} and {png_path}")
     return 0
 
 
