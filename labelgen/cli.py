@@ -136,11 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
     rev.add_argument("run_dir")
     rev.add_argument("--dataset", help="FiftyOne dataset name (default: labelgen-RUN_ID); recorded for `labelgen pull`")
     rev.add_argument("--filtered", metavar="NAME", help="review RUN_DIR/filtered/NAME instead of all labels")
-    rev.add_argument("--sample", type=int, metavar="N", help="export only a stratified random sample of N images (by"
-                     " confidence band and class; recorded in RUN_DIR/review/samples/NAME.json) for verdicts:"
-                     " accept, or tag false_positive / wrong_class / poor_mask; draw missed objects")
-    rev.add_argument("--seed", type=int, default=0, help="--sample: random seed (default 0; same seed, same sample)")
-    rev.add_argument("--no-app", action="store_true", help="export only; do not serve the App")
     rev.add_argument("--port", type=int, default=5151, help="App port (default 5151)")
     rev.add_argument("--address", default="127.0.0.1",
                      help="App bind address (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
@@ -157,6 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, help="run directory to create")
     imp.add_argument("--images-root", help="coco: folder that file_name is relative to")
     imp.add_argument("--split", help="yolo: split folder (e.g. train2017)")
+
+    dif = sub.add_parser("diff", help="match two runs' labels per image by mask IoU: matched / only in A / only in B"
+                         " / class changed (table, saved in RUN_A/diffs/, FiftyOne tags)")
+    dif.add_argument("run_a", metavar="RUN_A", help="run directory A (the one whose dataset and report get the diff)")
+    dif.add_argument("run_b", metavar="RUN_B", help="run directory B (may be RUN_A itself with --b-filtered/--b-set)")
+    dif.add_argument("--iou", type=float, default=0.5, help="mask IoU that makes a pair (default 0.5)")
+    dif.add_argument("--class-agnostic", action="store_true", help="match ignoring classes (class changed is 0)")
+    for side in ("a", "b"):
+        dif.add_argument(f"--{side}-filtered", metavar="NAME", help=f"side {side.upper()}: RUN_DIR/filtered/NAME")
+        dif.add_argument(f"--{side}-reviewed", metavar="NAME", help=f"side {side.upper()}: RUN_DIR/reviewed/NAME")
+        dif.add_argument(f"--{side}-set", dest=f"{side}_overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help=f"side {side.upper()}: filter option applied on the fly, e.g. min_confidence=0.5")
+    dif.add_argument("--dataset", help="also export A to this FiftyOne dataset with each label tagged diff:matched /"
+                                       " diff:only_a / diff:class_changed and B's other labels in labelgen_diff_b")
+    dif.add_argument("--no-save", action="store_true", help="do not write RUN_A/diffs/NAME.json")
+    dif.add_argument("--json", action="store_true", help="machine-readable output")
 
     rep = sub.add_parser("report", help="write a self-contained HTML report (plots + contact sheet) of a run")
     rep.add_argument("run_dir")
@@ -226,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands = {"run": _cmd_run, "status": _cmd_status, "filter": _cmd_filter, "export": _cmd_export,
                     "review": _cmd_review, "pull": _cmd_pull, "import": _cmd_import, "generators": _cmd_generators,
                     "exporters": _cmd_exporters,
-                    "report": _cmd_report, "eval": _cmd_eval, "recipes": _cmd_recipes,
+                    "report": _cmd_report, "diff": _cmd_diff, "eval": _cmd_eval, "recipes": _cmd_recipes,
                     "calibrate": _cmd_calibrate}
         return commands[args.command](args)
     except LabelgenError as exc:
@@ -482,36 +493,10 @@ def _report_text(report) -> str:
     return json.dumps(data, indent=1, default=str)
 
 
-def _cmd_review_sample(args: argparse.Namespace) -> int:
-    from .exports.fiftyone import import_fiftyone
-    from .review.sample import export_sample
-
-    done = export_sample(args.run_dir, args.sample, seed=args.seed, dataset_name=args.dataset, filtered=args.filtered)
-    name = done.record["name"]
-    print(f"sampled {done.record['size']} images ({len(done.record['strata'])} strata, seed {args.seed}), recorded in"
-          f" {done.path}; exported {done.export.labels} labels to FiftyOne dataset {name!r}")
-    print("accept each label (no tag) or tag it false_positive / wrong_class / poor_mask; draw missed objects as new"
-          f" labels or tag the sample missing_object; then run: labelgen pull {args.run_dir} --dataset {name}"
-          f" --name {name}")
-    if args.no_app:
-        return 0
-    fo = import_fiftyone()
-    session = fo.launch_app(fo.load_dataset(name), address=args.address, port=args.port, remote=True)
-    host = "127.0.0.1" if args.address in ("", "0.0.0.0") else args.address
-    print(f"serving the App until Ctrl-C; open:\n\n    http://{host}:{args.port}/datasets/{name}\n", flush=True)
-    try:
-        session.wait(-1)
-    except KeyboardInterrupt:
-        session.close()
-    return 0
-
-
 def _cmd_review(args: argparse.Namespace) -> int:
     from .review.review import default_dataset_name, launch_review, quiet_fiftyone_console
 
     quiet_fiftyone_console()  # FiftyOne's messages once, through our logging; its banner is replaced by ours
-    if args.sample is not None:
-        return _cmd_review_sample(args)
     name = args.dataset or default_dataset_name(args.run_dir)
     review = launch_review(args.run_dir, name, port=args.port, address=args.address, filtered=args.filtered,
                            wait=False)
@@ -549,6 +534,34 @@ def _cmd_import(args: argparse.Namespace) -> int:
     else:
         dataset = import_yolo(args.source, split=args.split)
     print(f"imported into {write_imported_run(dataset, args.out)}")
+    return 0
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from .exports.source import open_export_source
+    from .postprocess.filter_config import load_filter_config
+    from .review.diff import diff_sources, save_diff, tag_fiftyone
+
+    sources = []
+    for side in ("a", "b"):
+        overrides = getattr(args, f"{side}_overrides")
+        sources.append(open_export_source(getattr(args, f"run_{side}"),
+                                          filter_config=load_filter_config(None, overrides) if overrides else None,
+                                          filtered=getattr(args, f"{side}_filtered"),
+                                          reviewed=getattr(args, f"{side}_reviewed")))
+    if args.dataset:
+        from .review.review import quiet_fiftyone_console
+
+        quiet_fiftyone_console()
+        summary = tag_fiftyone(*sources, args.dataset, iou=args.iou, class_agnostic=args.class_agnostic)
+    else:
+        summary = diff_sources(*sources, iou=args.iou, class_agnostic=args.class_agnostic)
+    if not args.no_save:
+        print(f"saved {save_diff(*sources, summary)}", file=sys.stderr)
+    if args.dataset:
+        print(f"tagged FiftyOne dataset {args.dataset!r} (saved views diff_changes, diff_only_a, diff_only_b,"
+              " diff_class_changed)", file=sys.stderr)
+    print(json.dumps(summary.to_dict(), indent=1) if args.json else summary.table())
     return 0
 
 

@@ -84,7 +84,7 @@ def build_report(run_dir: str | Path, out_path: str | Path | None = None, *, sam
          f"{stats['images']['failed']} failed images"),
     ]
     cards = [_contact_card(row, class_names) for row in sample_rows]
-    page = _render_page(stats, plots, cards, seed)
+    page = _render_page(stats, plots, cards, seed, diffs=_diffs_section(store.root))
     out = Path(out_path) if out_path is not None else store.root / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(out, page.encode("utf-8"), "report")
@@ -333,7 +333,24 @@ table.facts td { padding: 1px 14px 1px 0; vertical-align: top; } table.facts td:
 """
 
 
-def _render_page(stats: dict[str, Any], plots: list[tuple[str, bytes, str]], cards: list[str], seed: int) -> str:
+def _diffs_section(root: Path) -> str:
+    """``Run diffs``: one table per ``RUN_DIR/diffs/*.json`` (``labelgen diff``); empty without any."""
+    from .diff import format_table, read_diffs
+
+    diffs = read_diffs(root)
+    if not diffs:
+        return ""
+    parts = ["<h2>Run diffs</h2>"]
+    for name, data in diffs:
+        other = data.get("b", {})
+        what = other.get("kind", "run") + (f" {other['name']}" if other.get("name") else "")
+        parts.append(f"<h3>{_e(name)}</h3><p>against run {_e(other.get('run_id'))} ({_e(what)}),"
+                     f" {_e(other.get('run_dir'))}</p><pre>{_e(format_table(data))}</pre>")
+    return "\n".join(parts)
+
+
+def _render_page(stats: dict[str, Any], plots: list[tuple[str, bytes, str]], cards: list[str], seed: int,
+                 diffs: str = "") -> str:
     run = stats["run"]
     title = f"labelgen report {run['run_id']}"
     figures = "\n".join(
@@ -347,7 +364,7 @@ def _render_page(stats: dict[str, Any], plots: list[tuple[str, bytes, str]], car
         f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
         _header(stats),
-        '<h2>Plots</h2><div class="plots">', figures, "</div>",
+        '<h2>Plots</h2><div class="plots">', figures, "</div>", diffs,
         f"<h2>Contact sheet</h2><p>{_e(sample_note)}</p>",
         '<div class="sheet">', *cards, "</div>",
         "</body></html>", ""])
