@@ -146,12 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
                       " they are listed)")
     pull.add_argument("--name", default="reviewed", help="write RUN_DIR/reviewed/NAME (default: reviewed)")
 
-    imp = sub.add_parser("import", help="import ground truth (COCO JSON or YOLO folder) as a run directory")
+    imp = sub.add_parser("import", help="import ground truth or other tools' predictions (COCO JSON or YOLO"
+                         " folder) as a run directory")
     imp.add_argument("source", help="COCO JSON file or YOLO dataset folder")
     imp.add_argument("--format", required=True, choices=["coco", "yolo"], help="what SOURCE is")
     imp.add_argument("--out", required=True, help="run directory to create")
     imp.add_argument("--images-root", help="coco: folder that file_name is relative to")
     imp.add_argument("--split", help="yolo: split folder (e.g. train2017)")
+    imp.add_argument("--predictions", action="store_true",
+                     help="SOURCE holds another tool's predictions: coco annotations with 'score', yolo lines"
+                     " ending with a confidence column; scores become 'confidence'")
+    imp.add_argument("--dataset-json", help="coco --predictions: the dataset file a results list refers to")
 
     dif = sub.add_parser("diff", help="match two runs' labels per image by mask IoU: matched / only in A / only in B"
                          " / class changed (table, saved in RUN_A/diffs/, FiftyOne tags)")
@@ -527,9 +532,18 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
+    from .errors import ExportError
     from .exports.importers import import_coco, import_yolo, write_imported_run
 
-    if args.format == "coco":
+    if args.dataset_json and not (args.predictions and args.format == "coco"):
+        raise ExportError("--dataset-json is for a COCO results list: use it with --format coco --predictions")
+    if args.predictions:
+        from .exports.predictions import import_coco_predictions, import_yolo_predictions
+
+        dataset = import_coco_predictions(args.source, dataset_json=args.dataset_json,
+                                          images_root=args.images_root) if args.format == "coco" else \
+            import_yolo_predictions(args.source, split=args.split)
+    elif args.format == "coco":
         dataset = import_coco(args.source, images_root=args.images_root)
     else:
         dataset = import_yolo(args.source, split=args.split)
