@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     rev.add_argument("run_dir")
     rev.add_argument("--dataset", help="FiftyOne dataset name (default: labelgen-RUN_ID); recorded for `labelgen pull`")
     rev.add_argument("--filtered", metavar="NAME", help="review RUN_DIR/filtered/NAME instead of all labels")
+    rev.add_argument("--sample", type=int, metavar="N", help="export only a stratified random sample of N images (by"
+                     " confidence band and class; recorded in RUN_DIR/review/samples/NAME.json) for verdicts:"
+                     " accept, or tag false_positive / wrong_class / poor_mask; draw missed objects")
+    rev.add_argument("--seed", type=int, default=0, help="--sample: random seed (default 0; same seed, same sample)")
+    rev.add_argument("--no-app", action="store_true", help="export only; do not serve the App")
     rev.add_argument("--port", type=int, default=5151, help="App port (default 5151)")
     rev.add_argument("--address", default="127.0.0.1",
                      help="App bind address (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
@@ -498,11 +503,44 @@ def _report_text(report) -> str:
     return json.dumps(data, indent=1, default=str)
 
 
+def _cmd_review_sample(args: argparse.Namespace) -> int:
+    from .exports.fiftyone import import_fiftyone
+    from .review.sample import export_sample
+
+    done = export_sample(args.run_dir, args.sample, seed=args.seed, dataset_name=args.dataset, filtered=args.filtered)
+    name = done.record["name"]
+    print(f"sampled {done.record['size']} images ({len(done.record['strata'])} strata, seed {args.seed}), recorded in"
+          f" {done.path}; exported {done.export.labels} labels to FiftyOne dataset {name!r}")
+    print("accept each label (no tag) or tag it false_positive / wrong_class / poor_mask; draw missed objects as new"
+          f" labels or tag the sample missing_object; then run: labelgen pull {args.run_dir} --dataset {name}"
+          f" --name {name}")
+    if args.no_app:
+        return 0
+    fo = import_fiftyone()
+    session = fo.launch_app(fo.load_dataset(name), address=args.address, port=args.port, remote=True)
+    host = "127.0.0.1" if args.address in ("", "0.0.0.0") else args.address
+    print(f"serving the App until Ctrl-C; open:\n\n    http://{host}:{args.port}/datasets/{name}\n", flush=True)
+    try:
+        session.wait(-1)
+    except KeyboardInterrupt:
+        session.close()
+    return 0
+
+
 def _cmd_review(args: argparse.Namespace) -> int:
     from .review.review import default_dataset_name, launch_review, quiet_fiftyone_console
 
     quiet_fiftyone_console()  # FiftyOne's messages once, through our logging; its banner is replaced by ours
+    if args.sample is not None:
+        return _cmd_review_sample(args)
     name = args.dataset or default_dataset_name(args.run_dir)
+    if args.no_app:
+        from .exports.fiftyone import export_fiftyone
+        from .exports.source import open_export_source
+
+        report = export_fiftyone(open_export_source(args.run_dir, filtered=args.filtered), name)
+        print(f"exported {report.images} images, {report.labels} labels to FiftyOne dataset {name!r}")
+        return 0
     review = launch_review(args.run_dir, name, port=args.port, address=args.address, filtered=args.filtered,
                            wait=False)
     pull = f"labelgen pull {args.run_dir}" + (f" --dataset {name}" if args.dataset else "")

@@ -45,7 +45,7 @@ from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -107,7 +107,7 @@ def import_fiftyone() -> Any:
 
 def export_fiftyone(source: ExportSource, dataset_name: str, *, mask_dir: str | Path | None = None,
                     large_mask_pixels: int = 64 * 64, include_suppressed: bool = True,
-                    persistent: bool = True) -> FiftyOneExportReport:
+                    persistent: bool = True, image_ids: Collection[str] | None = None) -> FiftyOneExportReport:
     """Write ``source`` into the FiftyOne dataset ``dataset_name`` (created, or updated in place).
 
     Args:
@@ -116,6 +116,8 @@ def export_fiftyone(source: ExportSource, dataset_name: str, *, mask_dir: str | 
         large_mask_pixels: a mask whose box has more pixels than this goes to a PNG file (>= 0).
         include_suppressed: fill ``labelgen_suppressed`` with the filter's suppressed duplicates.
         persistent: keep the dataset after this process exits.
+        image_ids: export only the images with these ids (a review sample); the others are left out
+            (and removed from the dataset, like images no longer exported).
 
     Streams the source in batches of ``BATCH_SIZE`` samples; memory does not grow with the run.
     """
@@ -128,7 +130,8 @@ def export_fiftyone(source: ExportSource, dataset_name: str, *, mask_dir: str | 
     token = secrets.token_hex(8)
     counts: Counter = Counter()
     for batch in _batched(_placed_rows(source, originals=include_suppressed), BATCH_SIZE):
-        samples = [builder.fields(*placed, token) for placed in batch if _storable(placed[0].image, counts)]
+        samples = [builder.fields(*placed, token) for placed in batch
+                   if (image_ids is None or placed[0].image.image_id in image_ids) and _storable(placed[0].image, counts)]
         _declare_label_fields(fo, dataset, builder.attribute_types)
         _upsert(fo, dataset, samples, counts)
     removed = _remove_stale(fo, dataset, token)

@@ -48,6 +48,7 @@ from ..structures.instances import Instances
 from ..structures.masks import mask_to_rle, rles_to_masks
 from ..structures.rows import Row
 from ..store.run_store import RunStore, write_checksums
+from .sample import VerdictCollector, read_sample, sample_of
 
 REVIEWED_FORMAT = "labelgen-reviewed/1"
 APPROVED_TAG, REJECTED_TAG = "approved", "rejected"
@@ -190,8 +191,12 @@ def pull_review(run_dir: str | Path, dataset_name: str | None = None, name: str 
     spec = json.loads(json.dumps(dataset.info.get("labelgen_source") or {}))  # FiftyOne's dict types -> plain
     base = _base_source(run_dir, spec)
     final = store.copy_dir("reviewed", name)
+    sample = sample_of(dataset)  # a review sample: its verdicts go into verdicts.jsonl, sealed with the copy
+    collector = VerdictCollector(read_sample(run_dir, sample), base.class_names) if sample else None
     with staged_folder(final, f"reviewed copy {name!r}", finish=write_checksums) as tmp:
-        counts, shards = _write_shards(fo, dataset, base, tmp, compress_level(store))
+        counts, shards = _write_shards(fo, dataset, base, tmp, compress_level(store), collector)
+        if collector is not None:
+            counts["sample_images"] = collector.write(tmp)
         write_bytes_atomic(tmp / "review.yaml", yaml.safe_dump(
             {"dataset": dataset_name, "base": spec, "rules": RULES},
             sort_keys=False, allow_unicode=True).encode("utf-8"), "review rules")
@@ -215,12 +220,16 @@ def _base_source(run_dir: str | Path, spec: dict) -> ExportSource:
     return open_export_source(run_dir)
 
 
-def _write_shards(fo: Any, dataset: Any, base: ExportSource, folder: Path, level: int) -> tuple[dict, int]:
+def _write_shards(fo: Any, dataset: Any, base: ExportSource, folder: Path, level: int,
+                  collector: VerdictCollector | None = None) -> tuple[dict, int]:
     reviewer = _Reviewer(list(base.class_names), base.class_agnostic)
     shards = 0
     for shard, _, rows in base.iter_shards():
         samples = _samples_by_image(fo, dataset, [r.image.image_id for r in rows])
         out = [reviewer.row(r, row_origin(base, r), samples.get(r.image.image_id)).to_dict() for r in rows]
+        if collector is not None:
+            for r in rows:
+                collector.add(r, row_origin(base, r), samples.get(r.image.image_id))
         write_jsonl_gz_atomic(folder / f"{shard.key}.jsonl.gz", out, f"reviewed shard {shard.key}", level=level)
         shards += 1
     return {key: reviewer.counts[key] for key in _COUNT_KEYS}, shards
