@@ -215,3 +215,20 @@ def test_cli_calibrate_and_export_min_precision(tmp_path, capsys):
                  "--calibration", "s", "--set", "min_area=5"]) == 2
     assert "cannot be combined" in capsys.readouterr().err
     assert main(["calibrate", str(run), "--reviewed", "missing"]) == 2
+
+
+@pytest.mark.slow
+def test_coco128_noisy_oracle_interval_covers_held_out_precision(coco128_images):
+    """The issue's experiment (bench/bench_calibration.py): 40 reviewed images, 88 held out, 100 splits."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_calibration.py"
+    spec = importlib.util.spec_from_file_location("bench_calibration", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.experiment(100, target=0.9, method="logistic")
+    assert result["images"] == 128 and result["splits_reaching_target"] >= 90
+    assert result["coverage"] >= 0.9
+    assert result["ece_calibrated_mean"] < result["ece_raw_mean"]
+    assert result["first_split"]["covered"]
