@@ -141,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
                      " accept, or tag false_positive / wrong_class / poor_mask; draw missed objects")
     rev.add_argument("--seed", type=int, default=0, help="--sample: random seed (default 0; same seed, same sample)")
     rev.add_argument("--no-app", action="store_true", help="export only; do not serve the App")
+    rev.add_argument("--queue", action="store_true",
+                     help="rank images by the expected errors a reviewer would fix there (wrong labels, class"
+                          " confusion, missed objects) with a diversity term: review_priority on each sample and"
+                          " the saved view review_queue sorted by it")
+    rev.add_argument("--calibration", metavar="NAME",
+                     help="--queue: p of each label from RUN_DIR/calibration/NAME (default: the raw confidence)")
+    rev.add_argument("--diversity", type=float, default=0.5,
+                     help="--queue: in [0, 1): 0 no diversity term; each near-duplicate already queued multiplies an"
+                          " image's priority by 1 - DIVERSITY (default 0.5)")
     rev.add_argument("--port", type=int, default=5151, help="App port (default 5151)")
     rev.add_argument("--address", default="127.0.0.1",
                      help="App bind address (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
@@ -527,12 +536,47 @@ def _cmd_review_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_review_queue(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .exports.fiftyone import import_fiftyone
+    from .exports.source import open_export_source
+    from .review.queue import QUEUE_VIEW, queue_source, write_queue_fiftyone
+    from .review.review import default_dataset_name
+
+    if args.sample is not None:
+        raise ConfigError("choose one of --sample N and --queue")
+    name = args.dataset or default_dataset_name(args.run_dir)
+    source = open_export_source(args.run_dir, filtered=args.filtered)
+    queue = queue_source(source, calibration=args.calibration, diversity=args.diversity)
+    done = write_queue_fiftyone(source, name, queue)
+    print(f"ranked {done['images']} images into FiftyOne dataset {name!r}: field review_priority, saved view"
+          f" {QUEUE_VIEW!r}; first to review:")
+    for item in queue[:10]:
+        print(f"  {item.rank:>4}  {item.image_id}  priority {item.review_priority:.3f}  (expected errors"
+              f" {item.expected_errors:.3f}: wrong labels {item.wrong_labels:.3f}, class confusion"
+              f" {item.class_confusion:.3f}, missed {item.missed:.3f})")
+    if args.no_app:
+        return 0
+    fo = import_fiftyone()
+    session = fo.launch_app(fo.load_dataset(name).load_saved_view(QUEUE_VIEW), address=args.address, port=args.port,
+                            remote=True)
+    host = "127.0.0.1" if args.address in ("", "0.0.0.0") else args.address
+    print(f"serving the App until Ctrl-C; open:\n\n    http://{host}:{args.port}/datasets/{name}\n", flush=True)
+    try:
+        session.wait(-1)
+    except KeyboardInterrupt:
+        session.close()
+    return 0
+
+
 def _cmd_review(args: argparse.Namespace) -> int:
     from .review.review import default_dataset_name, launch_review, quiet_fiftyone_console
 
     quiet_fiftyone_console()  # FiftyOne's messages once, through our logging; its banner is replaced by ours
     if args.sample is not None:
         return _cmd_review_sample(args)
+    if args.queue:
+        return _cmd_review_queue(args)
     name = args.dataset or default_dataset_name(args.run_dir)
     if args.no_app:
         from .exports.fiftyone import export_fiftyone
