@@ -182,3 +182,18 @@ def test_cli_diff_table_json_and_saved_file(runs, capsys):
     assert {name for name, _ in read_diffs(a)} == {json.loads((b / "run.json").read_text())["run_id"],
                                                    json.loads((b / "run.json").read_text())["run_id"] + "--filter"}
     assert main(["diff", str(a), str(b), "--iou", "1.5"]) == 2
+
+
+def test_cli_diff_against_a_saved_filtered_copy_of_the_same_run(runs, capsys):
+    from labelgen.postprocess.filter_store import save_filtered
+    from labelgen.store.run_store import RunStore
+
+    a, _ = runs
+    store = RunStore(a)
+    save_filtered(store, FilterConfig(min_confidence=0.5), "confident", list(CLASSES))
+    assert main(["diff", str(a), str(a), "--b-filtered", "confident", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["total"] == {MATCHED: 4, ONLY_A: 3, ONLY_B: 0, CLASS_CHANGED: 0}
+    assert data["per_class"]["dog"][ONLY_A] == 1  # img3's 0.2 dog
+    names = {name for name, _ in read_diffs(a)}
+    assert any(name.endswith("--filtered-confident") for name in names)
