@@ -197,3 +197,22 @@ def test_cli_diff_against_a_saved_filtered_copy_of_the_same_run(runs, capsys):
     assert data["per_class"]["dog"][ONLY_A] == 1  # img3's 0.2 dog
     names = {name for name, _ in read_diffs(a)}
     assert any(name.endswith("--filtered-confident") for name in names)
+
+
+def test_a_run_against_its_reviewed_copy(runs, fiftyone_db, dataset_name):
+    from labelgen.exports.fiftyone import FIELD, export_fiftyone
+    from labelgen.review.review import pull_review
+
+    a, _ = runs
+    export_fiftyone(open_export_source(a), dataset_name)
+    samples = {s["labelgen_image_id"]: s for s in fiftyone_db.load_dataset(dataset_name)}
+    samples["img1"][FIELD].detections[2].tags.append("rejected")  # the 0.3 cat: only in A
+    samples["img3"][FIELD].detections[1].label = "cat"  # the dog relabelled: class changed
+    samples["img2"][FIELD].detections.append(  # a drawn label: only in the review
+        fiftyone_db.Detection(label="dog", bounding_box=[0.5, 0.5, 0.25, 0.25]))
+    for sample in samples.values():
+        sample.save()
+    pull_review(a, dataset_name, name="checked")
+    data = diff_sources(open_export_source(a), open_export_source(a, reviewed="checked")).to_dict()
+    assert data["total"] == {MATCHED: 5, ONLY_A: 1, ONLY_B: 1, CLASS_CHANGED: 1}
+    assert data["class_changes"] == {"dog -> cat": 1}
