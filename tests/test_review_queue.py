@@ -146,3 +146,43 @@ def test_cli_review_queue(tmp_path, fiftyone_db, dataset_name, capsys):
     dataset = fiftyone_db.load_dataset(dataset_name)
     assert len(dataset.exists("review_priority")) == 8
     assert main(["review", str(run), "--queue", "--no-app", "--dataset", dataset_name, "--calibration", "nope"]) == 2
+
+
+def test_a_calibration_moves_the_queue_to_where_the_errors_are(tmp_path, capsys):
+    """Raw confidence is uniform and says nothing; the truth is per class ('dog' labels are wrong 90% of
+    the time, 'cat' and 'bird' labels 10%). Calibrated per class on a 40-image review sample, the queue puts the
+    images with the most dog labels first; with the raw confidence it cannot."""
+    from labelgen.exports.importers import box_to_rle
+    from labelgen.review.calibration import calibrate_run
+    from labelgen.review.verdicts import ImageVerdicts, LabelVerdict, verdicts_path, write_verdicts
+
+    rng = np.random.default_rng(4)
+    records, items, errors, truth = [], {}, {}, {}
+    for i in range(80):
+        record = ImageRecord(f"img{i:03d}", f"/nowhere/img{i:03d}.png", 32, 32)
+        k = int(rng.integers(1, 7))
+        classes = rng.integers(0, 3, k).astype(np.int32)
+        boxes = np.array([[j, j, j + 10, j + 10] for j in range(k)], np.float32)
+        items[record.image_id] = Row(record, Instances(32, 32, tuple(box_to_rle(b, 32, 32) for b in boxes), boxes,
+                                                       {"confidence": rng.uniform(0.3, 0.9, k).astype(np.float32)},
+                                                       classes))
+        wrong = rng.uniform(size=k) < np.where(classes == 1, 0.9, 0.1)
+        truth[record.image_id] = wrong
+        errors[record.image_id] = int(wrong.sum())
+        records.append(record)
+    run = write_imported_run(ImportedDataset(CLASSES, {"kind": "t", "import": {"format": "test"}}, tuple(records),
+                                             lambda r: items[r.image_id]), tmp_path / "run")
+    verdicts = [ImageVerdicts(r.image_id, tuple(
+        LabelVerdict(j, int(c), "false_positive" if w else "correct")
+        for j, (c, w) in enumerate(zip(items[r.image_id].instances.class_ids, truth[r.image_id]))), missed=0)
+        for r in records[:40]]
+    path = verdicts_path(run, "s")
+    path.parent.mkdir(parents=True)
+    (path.parent / "summary.json").write_text("{}")
+    write_verdicts(path, verdicts)
+    calibrate_run(run, "s", method="isotonic", min_class_labels=10, replicates=20)
+    raw = queue_source(open_export_source(run), diversity=0.0)
+    calibrated = queue_source(open_export_source(run), calibration="s", diversity=0.0)
+    best = sum(sorted(errors.values(), reverse=True)[:10])
+    assert _found(calibrated, errors, 10) >= 0.75 * best
+    assert _found(calibrated, errors, 10) > _found(raw, errors, 10)
