@@ -39,7 +39,8 @@ def _add_label_source_options(parser: argparse.ArgumentParser, verb: str, filter
 def _add_min_precision_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-precision", type=float, metavar="P",
                         help="keep the largest set of labels whose estimated precision reaches P (needs --calibration)")
-    parser.add_argument("--calibration", metavar="NAME", help="calibration RUN_DIR/calibration/NAME (`labelgen calibrate`)")
+    parser.add_argument("--calibration", metavar="NAME", help="calibration RUN_DIR/calibration/NAME (`labelgen calibrate`):"
+                        " with --min-precision, what estimates it; alone (export), adds the p_correct score column")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -464,6 +465,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
         store, config, selection = min_precision_filter(args.run_dir, args.calibration, args.min_precision,
                                                         filter_config)
         source = dataclasses.replace(source, store=store, filter_config=config)
+    elif args.calibration:  # p_correct beside the raw score columns
+        import dataclasses
+
+        from .review.calibration import CalibratedStore, load_calibration
+
+        calibration = load_calibration(args.run_dir, args.calibration)
+        source = dataclasses.replace(source, store=CalibratedStore(source.store, calibration))
     report = export(args.format, source, _export_request(args))
     if selection is not None and args.out:
         record_in_export_report(args.out, selection)

@@ -215,10 +215,16 @@ def test_cli_calibrate_and_export_min_precision(tmp_path, capsys):
                  "--calibration", "s", "--set", "min_area=5"]) == 2
     assert "cannot be combined" in capsys.readouterr().err
     assert main(["calibrate", str(run), "--reviewed", "missing"]) == 2
+    every = tmp_path / "coco_all"
+    assert main(["export", str(run), "--format", "coco", "--out", str(every), "--calibration", "s"]) == 0
+    annotations = json.loads((every / "annotations.json").read_text())["annotations"]
+    assert len(annotations) == json.loads((run / "calibration" / "s.json").read_text())["run"]["labels"]
+    assert all(0 <= a["attributes"]["scores"]["p_correct"] <= 1 and "confidence" in a["attributes"]["scores"]
+               for a in annotations)
 
 
 @pytest.mark.slow
-def test_coco128_noisy_oracle_interval_covers_held_out_precision(coco128_images):
+def test_coco128_noisy_oracle_interval_covers_held_out_precision(coco128_images, noisy_plugin):
     """The issue's experiment (bench/bench_calibration.py): 40 reviewed images, 88 held out, 100 splits."""
     import importlib.util
     from pathlib import Path
@@ -232,3 +238,56 @@ def test_coco128_noisy_oracle_interval_covers_held_out_precision(coco128_images)
     assert result["coverage"] >= 0.9
     assert result["ece_calibrated_mean"] < result["ece_raw_mean"]
     assert result["first_split"]["covered"]
+
+
+@pytest.fixture
+def noisy_plugin():
+    """``labelgen.testing.noisy`` registered for one test; the registry and loaded plugins are restored."""
+    import importlib
+    import sys
+
+    from labelgen.generators import registry as generators
+
+    name = "labelgen.testing.noisy"
+    saved = dict(generators.GENERATORS._items), set(generators._LOADED), name in sys.modules
+    yield importlib.import_module(name)
+    generators.GENERATORS._items.clear()
+    generators.GENERATORS._items.update(saved[0])
+    generators._LOADED.clear()
+    generators._LOADED.update(saved[1])
+    if not saved[2]:
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.slow
+def test_whole_loop_through_the_cli(tmp_path, coco128_images, noisy_plugin, fiftyone_db, dataset_name, capsys):
+    """run (noisy-oracle on coco128) -> review --sample -> simulated verdicts -> pull -> calibrate ->
+    export --min-precision; the exported labels' realised precision (from the generator's own record of
+    what it corrupted) lies in the reported interval."""
+    from conftest import COCO128
+    from labelgen.testing.reviewer import simulate_review
+
+    recipe = tmp_path / "noisy.yaml"
+    recipe.write_text(f"generator: {{name: noisy-oracle, labels_dir: {json.dumps(str(COCO128 / 'labels' / 'train2017'))}}}\n"
+                      "images: {compute_sha256: false}\nstore: {shard_size: 32}\n"
+                      "execution: {workers: 1, device: cpu, batch_size: 4}\n", encoding="utf-8")
+    run, gt = tmp_path / "run", tmp_path / "gt"
+    assert main(["run", str(recipe), "--plugin", "labelgen.testing.noisy", "--images", str(coco128_images),
+                 "--out", str(run), "--no-progress"]) == 0
+    assert main(["import", str(COCO128), "--format", "yolo", "--split", "train2017", "--out", str(gt)]) == 0
+    assert main(["review", str(run), "--sample", "40", "--seed", "1", "--dataset", dataset_name, "--no-app"]) == 0
+    simulate_review(fiftyone_db, dataset_name, gt)
+    assert main(["pull", str(run), "--dataset", dataset_name, "--name", "s40"]) == 0
+    assert main(["calibrate", str(run), "--reviewed", "s40", "--target", "0.85"]) == 0
+    data = json.loads((run / "calibration" / "s40.json").read_text())
+    assert data["sample"]["images"] == 40 and data["ece"]["calibrated"] < data["ece"]["raw"]
+    out = tmp_path / "coco"
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "coco", "--out", str(out), "--min-precision", "0.85",
+                 "--calibration", "s40"]) == 0
+    target = json.loads((out / "export_report.json").read_text())["precision_target"]
+    annotations = json.loads((out / "annotations.json").read_text())["annotations"]
+    assert len(annotations) == target["kept_labels_estimated"] > 0
+    realised = np.mean([a["attributes"]["instance"]["noise"] == "kept" for a in annotations])
+    low, high = target["precision_interval"]
+    assert low <= realised <= high, (realised, target)

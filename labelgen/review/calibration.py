@@ -129,9 +129,10 @@ class Calibrator:
         return np.clip(out, 0.0, 1.0)
 
     def p_correct(self, instances: Instances) -> np.ndarray:
-        """``p_correct`` of every label of ``instances`` (float32)."""
+        """``p_correct`` of every label of ``instances`` (float32), from its scores on the run summary's grid
+        (clipped to [0, 1], rounded to 1/GRID), so a threshold keeps exactly the labels the estimate counted."""
         scores, classes = instance_features(instances, self.columns)
-        return self.predict(scores, classes).astype(np.float32)
+        return self.predict(on_grid(scores), classes).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "columns": list(self.columns), "pooled": dict(self.pooled),
@@ -175,6 +176,11 @@ def choose_own_classes(y: np.ndarray, classes: np.ndarray, min_class_labels: int
         if cid >= 0 and mask.sum() >= min_class_labels and 0 < y[mask].sum() < mask.sum():
             own.append(int(cid))
     return own
+
+
+def on_grid(scores: np.ndarray) -> np.ndarray:
+    """Scores clipped to [0, 1] and rounded to 1/GRID: what the run summary and ``p_correct`` use."""
+    return np.round(np.clip(scores, 0.0, 1.0) * GRID) / GRID
 
 
 def instance_features(instances: Instances, columns: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -289,7 +295,7 @@ def summarize_run(rows: Iterable[Row], columns: Sequence[str]) -> RunSummary:
         scores, classes = instance_features(row.instances, columns)
         if not len(classes):
             continue
-        q = np.round(np.clip(scores, 0.0, 1.0) * GRID).astype(np.int64)
+        q = np.round(np.clip(scores, 0.0, 1.0) * GRID).astype(np.int64)  # as on_grid
         keys, n = np.unique(np.column_stack([classes, q]), axis=0, return_counts=True)
         for key, c in zip(map(tuple, keys.tolist()), n.tolist()):
             counts[key] = counts.get(key, 0) + c
