@@ -521,7 +521,6 @@ def _report_text(report) -> str:
 
 
 def _cmd_review_sample(args: argparse.Namespace) -> int:
-    from .exports.fiftyone import import_fiftyone
     from .review.sample import export_sample
 
     done = export_sample(args.run_dir, args.sample, seed=args.seed, dataset_name=args.dataset, filtered=args.filtered)
@@ -533,8 +532,17 @@ def _cmd_review_sample(args: argparse.Namespace) -> int:
           f" --name {name}")
     if args.no_app:
         return 0
+    return _serve_app(args, name)
+
+
+def _serve_app(args: argparse.Namespace, name: str, view: str | None = None) -> int:
+    """Serve the FiftyOne App on dataset ``name`` (a saved ``view`` of it) until Ctrl-C; the URL last."""
+    from .exports.fiftyone import import_fiftyone
+
     fo = import_fiftyone()
-    session = fo.launch_app(fo.load_dataset(name), address=args.address, port=args.port, remote=True)
+    dataset = fo.load_dataset(name)
+    session = fo.launch_app(dataset.load_saved_view(view) if view else dataset, address=args.address,
+                            port=args.port, remote=True)
     host = "127.0.0.1" if args.address in ("", "0.0.0.0") else args.address
     print(f"serving the App until Ctrl-C; open:\n\n    http://{host}:{args.port}/datasets/{name}\n", flush=True)
     try:
@@ -546,7 +554,6 @@ def _cmd_review_sample(args: argparse.Namespace) -> int:
 
 def _cmd_review_queue(args: argparse.Namespace) -> int:
     from .errors import ConfigError
-    from .exports.fiftyone import import_fiftyone
     from .exports.source import open_export_source
     from .review.queue import QUEUE_VIEW, queue_source, write_queue_fiftyone
     from .review.review import default_dataset_name
@@ -565,16 +572,7 @@ def _cmd_review_queue(args: argparse.Namespace) -> int:
               f" {item.class_confusion:.3f}, missed {item.missed:.3f})")
     if args.no_app:
         return 0
-    fo = import_fiftyone()
-    session = fo.launch_app(fo.load_dataset(name).load_saved_view(QUEUE_VIEW), address=args.address, port=args.port,
-                            remote=True)
-    host = "127.0.0.1" if args.address in ("", "0.0.0.0") else args.address
-    print(f"serving the App until Ctrl-C; open:\n\n    http://{host}:{args.port}/datasets/{name}\n", flush=True)
-    try:
-        session.wait(-1)
-    except KeyboardInterrupt:
-        session.close()
-    return 0
+    return _serve_app(args, name, view=QUEUE_VIEW)
 
 
 def _cmd_review(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
 import importlib.util
+import contextlib
 import os
 from pathlib import Path
 
@@ -69,3 +70,25 @@ def dataset_name(fiftyone_db):
     yield name
     if fiftyone_db.dataset_exists(name):
         fiftyone_db.delete_dataset(name)
+
+
+@contextlib.contextmanager
+def plugin_imported(name):
+    """Import the plugin module ``name`` (it registers generators) for a while; afterwards the registry,
+    the loaded plugins and the module cache are as before, so other tests (the ``labelgen generators``
+    listing) never see what it registered."""
+    import importlib
+    import sys
+
+    from labelgen.generators import registry as generators
+
+    saved = dict(generators.GENERATORS._items), set(generators._LOADED), name in sys.modules
+    try:
+        yield importlib.import_module(name)
+    finally:
+        generators.GENERATORS._items.clear()
+        generators.GENERATORS._items.update(saved[0])
+        generators._LOADED.clear()
+        generators._LOADED.update(saved[1])
+        if not saved[2]:
+            sys.modules.pop(name, None)

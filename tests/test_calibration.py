@@ -243,20 +243,10 @@ def test_coco128_noisy_oracle_interval_covers_held_out_precision(coco128_images,
 @pytest.fixture
 def noisy_plugin():
     """``labelgen.testing.noisy`` registered for one test; the registry and loaded plugins are restored."""
-    import importlib
-    import sys
+    from conftest import plugin_imported
 
-    from labelgen.generators import registry as generators
-
-    name = "labelgen.testing.noisy"
-    saved = dict(generators.GENERATORS._items), set(generators._LOADED), name in sys.modules
-    yield importlib.import_module(name)
-    generators.GENERATORS._items.clear()
-    generators.GENERATORS._items.update(saved[0])
-    generators._LOADED.clear()
-    generators._LOADED.update(saved[1])
-    if not saved[2]:
-        sys.modules.pop(name, None)
+    with plugin_imported("labelgen.testing.noisy") as module:
+        yield module
 
 
 @pytest.mark.slow

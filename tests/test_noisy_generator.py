@@ -1,7 +1,6 @@
 """The test-only noisy-oracle generator on coco128: its confidence correlates with correctness, but not
 perfectly (AUC of confidence vs matched-at-mask-IoU-0.5, pycocotools), and it is deterministic."""
 import contextlib
-import importlib
 import io
 import json
 import sys
@@ -10,14 +9,13 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
 
-from labelgen.generators import registry as generators  # GENERATORS and the loaded plugins
 from labelgen.cli import main as cli_main
 from labelgen.errors import ConfigError
 from labelgen.exports.importers import import_yolo
 from labelgen.store.run_store import RunStore
 from labelgen.structures.masks import rle_to_pycocotools
 
-from conftest import COCO128
+from conftest import COCO128, plugin_imported
 
 IMAGES = COCO128 / "images" / "train2017"
 LABELS = COCO128 / "labels" / "train2017"
@@ -42,15 +40,8 @@ def _cli(*argv):
 @pytest.fixture(scope="module")
 def noisy():
     """``labelgen.testing.noisy`` for this module only; the registry and loaded plugins are restored."""
-    name = "labelgen.testing.noisy"
-    saved = dict(generators.GENERATORS._items), set(generators._LOADED), name in sys.modules
-    yield importlib.import_module(name)
-    generators.GENERATORS._items.clear()
-    generators.GENERATORS._items.update(saved[0])
-    generators._LOADED.clear()
-    generators._LOADED.update(saved[1])
-    if not saved[2]:
-        sys.modules.pop(name, None)
+    with plugin_imported("labelgen.testing.noisy") as module:
+        yield module
 
 
 def _run(folder, name, *, seed=0, shard_size=32, batch_size=1):

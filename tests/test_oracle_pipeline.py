@@ -25,10 +25,8 @@ AP_medium to 0.810: COCO masks nest (food in a bowl, a person in a bus), and the
 intersection-over-smaller rule cannot tell a contained object from a part.
 """
 import contextlib
-import importlib
 import io
 import json
-import sys
 import time
 
 import numpy as np
@@ -38,12 +36,11 @@ torch = pytest.importorskip("torch")  # the real k-means: the `models` extra
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from labelgen.generators import registry as generators  # GENERATORS and the loaded plugins
 from labelgen.cli import main as cli_main
 from labelgen.store.status import run_status
 from labelgen.generators.zip.kmeans import kmeans
 
-from conftest import COCO128
+from conftest import COCO128, plugin_imported
 
 IMAGES = COCO128 / "images" / "train2017"
 METRICS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
@@ -84,15 +81,8 @@ def oracle():
     """``labelgen.testing.oracle``, imported for this module only. Importing it registers "zip-oracle",
     which other tests (the ``labelgen generators`` listing) must not see, so the registry, the loaded
     plugins and the module cache are restored afterwards."""
-    name = "labelgen.testing.oracle"
-    saved = dict(generators.GENERATORS._items), set(generators._LOADED), name in sys.modules
-    yield importlib.import_module(name)
-    generators.GENERATORS._items.clear()
-    generators.GENERATORS._items.update(saved[0])
-    generators._LOADED.clear()
-    generators._LOADED.update(saved[1])
-    if not saved[2]:
-        sys.modules.pop(name, None)
+    with plugin_imported("labelgen.testing.oracle") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

@@ -198,7 +198,10 @@ def test_simulated_review_on_coco128_agrees_with_the_noise(tmp_path, coco128_ima
 
     from conftest import COCO128
     from labelgen.exports.importers import import_yolo
-    from labelgen.testing.noisy import NoisyConfig, corrupt, image_rng
+    from conftest import plugin_imported
+
+    with plugin_imported("labelgen.testing.noisy") as noisy:
+        NoisyConfig, corrupt, image_rng = noisy.NoisyConfig, noisy.corrupt, noisy.image_rng
 
     gt_dataset = import_yolo(COCO128, split="train2017")
     gt_root = write_imported_run(gt_dataset, tmp_path / "gt")

@@ -20,6 +20,8 @@ so ``labelgen status``, ``filter`` and every exporter work on ground truth too.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import json
 import math
@@ -64,6 +66,34 @@ class ImportedDataset:
 
 
 # -- YOLO -----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class YoloImportLayout:
+    """Where a YOLO dataset's images and labels are, its class names and its images (sized)."""
+
+    names: tuple[str, ...]
+    yaml_path: Any
+    labels_dir: Path
+    folder: FolderSource
+    records: list[ImageRecord]
+    failures: dict[str, dict]
+
+
+def yolo_import_layout(root: str | os.PathLike[str], split: str | None, task: str,
+                       class_names: Sequence[str] | None) -> YoloImportLayout:
+    """Check ``task``, find the layout of the YOLO dataset at ``root`` and list its images (ground truth
+    and predictions read the same layouts)."""
+    if task not in ("auto", "detect", "segment"):
+        raise ExportError(f"task must be 'auto', 'detect' or 'segment'; got {task!r}")
+    images_dir, names, yaml_path = _yolo_layout(Path(root), split)
+    names = tuple(class_names) if class_names is not None else names
+    if not names:
+        raise ExportError(f"no class names for YOLO dataset {root}: expected 'names' in data.yaml, a classes.txt"
+                          " (one name per line), or class_names=[...]")
+    folder = FolderSource(images_dir)
+    records, failures = _records_with_sizes(folder.list_records())
+    return YoloImportLayout(names, yaml_path, _labels_dir_for(images_dir), folder, records, failures)
+
+
 def import_yolo(root: str | os.PathLike[str], *, split: str | None = None,
                 task: Literal["auto", "detect", "segment"] = "auto",
                 class_names: Sequence[str] | None = None) -> ImportedDataset:
@@ -78,18 +108,10 @@ def import_yolo(root: str | os.PathLike[str], *, split: str | None = None,
     Labels of ``images/.../a.jpg`` are in ``labels/.../a.txt`` (the last ``images`` folder of the path
     replaced by ``labels``); an image without a label file has no instances.
     """
-    if task not in ("auto", "detect", "segment"):
-        raise ExportError(f"task must be 'auto', 'detect' or 'segment'; got {task!r}")
-    images_dir, names, yaml_path = _yolo_layout(Path(root), split)
-    names = tuple(class_names) if class_names is not None else names
-    if not names:
-        raise ExportError(f"no class names for YOLO dataset {root}: expected 'names' in data.yaml, a classes.txt"
-                          " (one name per line), or class_names=[...]")
-    labels_dir = _labels_dir_for(images_dir)
-    folder = FolderSource(images_dir)
-    records, failures = _records_with_sizes(folder.list_records())
-    spec = {**folder.describe(), "import": {"format": "yolo", "yaml": yaml_path, "split": split, "task": task,
-                                            "labels": str(labels_dir)}}
+    layout = yolo_import_layout(root, split, task, class_names)
+    names, labels_dir, records, failures = layout.names, layout.labels_dir, layout.records, layout.failures
+    spec = {**layout.folder.describe(), "import": {"format": "yolo", "yaml": layout.yaml_path, "split": split,
+                                                   "task": task, "labels": str(labels_dir)}}
 
     def load(record: ImageRecord) -> Row:
         if record.image_id in failures:
@@ -167,30 +189,40 @@ def _labels_dir_for(images_dir: Path) -> Path:
     return Path(*parts)
 
 
-def _read_yolo_labels(path: Path, record: ImageRecord, task: str, num_classes: int) -> Instances:
-    height, width = int(record.height), int(record.width)
+def yolo_label_lines(path: Path) -> list[str]:
+    """The lines of a YOLO label file; none when it does not exist (an image without labels)."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        lines = []
+        return []
     except (OSError, UnicodeDecodeError) as exc:
         raise ExportError(f"cannot read YOLO label file {path}: {exc}") from None
+
+
+def _read_yolo_labels(path: Path, record: ImageRecord, task: str, num_classes: int) -> Instances:
+    height, width = int(record.height), int(record.width)
+    lines = yolo_label_lines(path)
     rles, boxes, class_ids = [], [], []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         class_id, coords = _parse_yolo_line(line, f"{path}:{number}", task, num_classes)
-        if len(coords) == 4:
-            cx, cy, w, h = coords
-            box = [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]
-            rles.append(box_to_rle(box, height, width))
-            boxes.append(np.clip(box, 0, [width, height, width, height]))
-        else:
-            rle = polygon_to_rle(coords[0::2] * width, coords[1::2] * height, height, width)
-            rles.append(rle)
-            boxes.append(rles_to_boxes_xyxy([rle])[0])
+        rle, box = yolo_shape_to_rle(coords, height, width)
+        rles.append(rle)
+        boxes.append(box)
         class_ids.append(class_id)
     return _instances(height, width, rles, boxes, class_ids, {"confidence": [1.0] * len(rles)}, "yolo")
+
+
+def yolo_shape_to_rle(coords: np.ndarray, height: int, width: int) -> tuple[dict, np.ndarray]:
+    """One YOLO shape (normalised ``cx cy w h`` box, or ``x1 y1 ... xn yn`` polygon) as an RLE mask and
+    its ``(4,)`` XYXY box in absolute pixels of the ``height`` x ``width`` image."""
+    if len(coords) == 4:
+        cx, cy, w, h = coords
+        box = [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]
+        return box_to_rle(box, height, width), np.clip(box, 0, [width, height, width, height])
+    rle = polygon_to_rle(coords[0::2] * width, coords[1::2] * height, height, width)
+    return rle, rles_to_boxes_xyxy([rle])[0]
 
 
 def _parse_yolo_line(line: str, where: str, task: str, num_classes: int) -> tuple[int, np.ndarray]:

@@ -27,15 +27,12 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import numpy as np
 
 from ..errors import ExportError
-from ..engine.sources import FolderSource
 from ..structures.instances import ImageRecord, Instances
-from ..structures.masks import rles_to_boxes_xyxy
 from ..structures.rows import Row
-from .importers import (ImportedDataset, _coco_instances, _coco_records, _labels_dir_for, _load_coco_json,
-                        _parse_yolo_line, _records_with_sizes, _yolo_layout, box_to_rle, polygon_to_rle)
+from .importers import (ImportedDataset, _coco_instances, _coco_records, _load_coco_json, _parse_yolo_line,
+                        yolo_import_layout, yolo_label_lines, yolo_shape_to_rle)
 from .importers import _instances as _make_instances
 
 PREDICTIONS = "predictions"
@@ -131,19 +128,11 @@ def import_yolo_predictions(root: str | os.PathLike[str], *, split: str | None =
                             class_names: Sequence[str] | None = None) -> ImportedDataset:
     """YOLO label files whose every line ends with a confidence in [0, 1] (``cls cx cy w h conf`` or
     ``cls x1 y1 ... xn yn conf``); layout, ``split``, ``task`` and ``class_names`` as ``import_yolo``."""
-    if task not in ("auto", "detect", "segment"):
-        raise ExportError(f"task must be 'auto', 'detect' or 'segment'; got {task!r}")
-    images_dir, names, yaml_path = _yolo_layout(Path(root), split)
-    names = tuple(class_names) if class_names is not None else names
-    if not names:
-        raise ExportError(f"no class names for YOLO dataset {root}: expected 'names' in data.yaml, a classes.txt"
-                          " (one name per line), or class_names=[...]")
-    labels_dir = _labels_dir_for(images_dir)
-    folder = FolderSource(images_dir)
-    records, failures = _records_with_sizes(folder.list_records())
-    spec = {**folder.describe(), "import": {"format": "yolo", "yaml": yaml_path, "split": split, "task": task,
-                                            "labels": PREDICTIONS, "predictions": str(labels_dir),
-                                            "layout": "confidence column"}}
+    layout = yolo_import_layout(root, split, task, class_names)
+    names, labels_dir, records, failures = layout.names, layout.labels_dir, layout.records, layout.failures
+    spec = {**layout.folder.describe(), "import": {"format": "yolo", "yaml": layout.yaml_path, "split": split,
+                                                   "task": task, "labels": PREDICTIONS,
+                                                   "predictions": str(labels_dir), "layout": "confidence column"}}
 
     def load(record: ImageRecord) -> Row:
         if record.image_id in failures:
@@ -156,12 +145,7 @@ def import_yolo_predictions(root: str | os.PathLike[str], *, split: str | None =
 
 def _read_yolo_predictions(path: Path, record: ImageRecord, task: str, num_classes: int) -> Instances:
     height, width = int(record.height), int(record.width)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        lines = []
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ExportError(f"cannot read YOLO label file {path}: {exc}") from None
+    lines = yolo_label_lines(path)
     rles, boxes, class_ids, confidence = [], [], [], []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -179,15 +163,9 @@ def _read_yolo_predictions(path: Path, record: ImageRecord, task: str, num_class
         if not math.isfinite(score) or not 0.0 <= score <= 1.0:
             raise ExportError(f"{where}: the confidence (last column) must be in [0, 1]; got {tokens[-1]!r}")
         class_id, coords = _parse_yolo_line(" ".join(tokens[:-1]), where, task, num_classes)
-        if len(coords) == 4:
-            cx, cy, w, h = coords
-            box = [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]
-            rles.append(box_to_rle(box, height, width))
-            boxes.append(np.clip(box, 0, [width, height, width, height]))
-        else:
-            rle = polygon_to_rle(coords[0::2] * width, coords[1::2] * height, height, width)
-            rles.append(rle)
-            boxes.append(rles_to_boxes_xyxy([rle])[0])
+        rle, box = yolo_shape_to_rle(coords, height, width)
+        rles.append(rle)
+        boxes.append(box)
         class_ids.append(class_id)
         confidence.append(score)
     instances = _make_instances(height, width, rles, boxes, class_ids, {"confidence": confidence}, "yolo")
