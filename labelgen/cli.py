@@ -405,7 +405,10 @@ def _cmd_filter(args: argparse.Namespace) -> int:
     for _, result in filter_run(store, config, class_names):
         if result is not None:
             summary.add(result, class_names)
-    print(json.dumps(summary.to_dict(), indent=1) if args.json else summary.table())
+    from .review.diff import describe_source, format_table
+
+    data = {**summary.to_dict(), "a": describe_source(sources[0]), "b": describe_source(sources[1])}
+    print(json.dumps(data, indent=1) if args.json else format_table(data))
     return 0
 
 
@@ -642,7 +645,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def _cmd_diff(args: argparse.Namespace) -> int:
     from .exports.source import open_export_source
     from .postprocess.filter_config import load_filter_config
-    from .review.diff import diff_sources, save_diff, tag_fiftyone
+    from .review.diff import diff_sources, resolve_class_agnostic, save_diff, tag_fiftyone
 
     sources = []
     for side in ("a", "b"):
@@ -651,19 +654,25 @@ def _cmd_diff(args: argparse.Namespace) -> int:
                                           filter_config=load_filter_config(None, overrides) if overrides else None,
                                           filtered=getattr(args, f"{side}_filtered"),
                                           reviewed=getattr(args, f"{side}_reviewed")))
+    class_agnostic, why = resolve_class_agnostic(*sources, args.class_agnostic)
+    if class_agnostic and not args.class_agnostic:
+        print(f"labelgen: matching ignores classes ({why})", file=sys.stderr)
     if args.dataset:
         from .review.review import quiet_fiftyone_console
 
         quiet_fiftyone_console()
-        summary = tag_fiftyone(*sources, args.dataset, iou=args.iou, class_agnostic=args.class_agnostic)
+        summary = tag_fiftyone(*sources, args.dataset, iou=args.iou, class_agnostic=class_agnostic)
     else:
-        summary = diff_sources(*sources, iou=args.iou, class_agnostic=args.class_agnostic)
+        summary = diff_sources(*sources, iou=args.iou, class_agnostic=class_agnostic)
     if not args.no_save:
         print(f"saved {save_diff(*sources, summary)}", file=sys.stderr)
     if args.dataset:
         print(f"tagged FiftyOne dataset {args.dataset!r} (saved views diff_changes, diff_only_a, diff_only_b,"
               " diff_class_changed)", file=sys.stderr)
-    print(json.dumps(summary.to_dict(), indent=1) if args.json else summary.table())
+    from .review.diff import describe_source, format_table
+
+    data = {**summary.to_dict(), "a": describe_source(sources[0]), "b": describe_source(sources[1])}
+    print(json.dumps(data, indent=1) if args.json else format_table(data))
     return 0
 
 

@@ -216,3 +216,55 @@ def test_a_run_against_its_reviewed_copy(runs, fiftyone_db, dataset_name):
     data = diff_sources(open_export_source(a), open_export_source(a, reviewed="checked")).to_dict()
     assert data["total"] == {MATCHED: 5, ONLY_A: 1, ONLY_B: 1, CLASS_CHANGED: 1}
     assert data["class_changes"] == {"dog -> cat": 1}
+
+
+# -- comparing generators ---------------------------------------------------------------------------------------
+def _agnostic_run(root, images):
+    records = tuple(ImageRecord(i, f"/nowhere/{i}", SIZE, SIZE) for i in sorted(images))
+
+    def row(record):
+        labelled = _instances(images[record.image_id])
+        return Row(record, Instances(height=SIZE, width=SIZE, masks_rle=labelled.masks_rle,
+                                     boxes_xyxy=labelled.boxes_xyxy, scores=labelled.scores))
+
+    dataset = ImportedDataset((), {"kind": "hand-built", "import": {"format": "test"}}, records, row)
+    return write_imported_run(dataset, root, shard_size=2)
+
+
+def test_mean_iou_of_the_paired_labels(runs):
+    # pairs: img1 SQ1/SQ1 (1.0) and SQ2 dog/cat (1.0, class changed), img2 SQ1/SQ1_NEAR (90/110)
+    assert _diff(*runs)["mean_pair_iou"] == pytest.approx((1.0 + 1.0 + 90 / 110) / 3, abs=1e-4)
+    assert _diff(runs[0], runs[0])["mean_pair_iou"] == pytest.approx(1.0)
+
+
+def test_a_class_agnostic_side_makes_the_cli_match_ignoring_classes(runs, tmp_path, capsys):
+    agnostic = _agnostic_run(tmp_path / "agnostic", B_IMAGES)
+    assert main(["diff", str(runs[0]), str(agnostic), "--json", "--no-save"]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert "matching ignores classes (B class-agnostic)" in captured.err
+    assert data["class_agnostic"] is True and data["total"][CLASS_CHANGED] == 0
+    # the same counts as asking for class-agnostic matching between the two classed runs
+    expected = _diff(*runs, class_agnostic=True)["total"]
+    assert data["total"] == expected
+    assert data["b"]["class_names"] is None and data["a"]["class_names"] == list(CLASSES)
+
+
+def test_sides_name_their_generator_models_and_speed(runs, capsys):
+    assert main(["diff", str(runs[0]), str(runs[1]), "--no-save"]) == 0
+    out = capsys.readouterr().out
+    assert "A: import (run " in out and "B: import (run " in out
+    # A: 7 labels (img1 3, img2 1, img3 2, img5 1) in 4 images; B: 6 labels (3 + 1 + 1 + 1) in 4 images
+    assert "A: import (run " in out and "1.75 labels per image" in out.split("B: ")[0]
+    assert "1.50 labels per image" in out.split("B: ")[1]
+
+
+def test_model_names_from_provenance():
+    from labelgen.review.diff import model_names
+
+    provenance = {"generator": "zip", "random_weights": False,
+                  "semantic": {"model": "ViT-B-16", "pretrained": "openai"},
+                  "sam": {"model_type": "vit_h", "checkpoint": "/c/sam_vit_h_4b8939.pth", "sha256": "a7bf"},
+                  "labeler": {"model": "ViT-L-14"}, "timings": [1, 2]}
+    assert model_names(provenance) == ["labeler: ViT-L-14", "sam: vit_h/sam_vit_h_4b8939.pth",
+                                       "semantic: ViT-B-16/openai"]

@@ -77,6 +77,7 @@ class DiffSummary:
     per_class: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     class_changes: Counter = field(default_factory=Counter)  # "A class -> B class": pairs
     images: Counter = field(default_factory=Counter)
+    pair_iou_sum: float = 0.0  # summed mask IoU of the matched and class-changed pairs
 
     def add(self, item: ImageDiff, failed_a: bool = False, failed_b: bool = False) -> None:
         self.images["both" if item.in_a and item.in_b else "only_a" if item.in_a else "only_b"] += 1
@@ -86,6 +87,8 @@ class DiffSummary:
         for i, (status, name) in enumerate(zip(item.status_a, item.classes_a)):
             self.total[status] += 1
             self.per_class[name][status] += 1
+            if status in (MATCHED, CLASS_CHANGED) and item.ious_a:
+                self.pair_iou_sum += float(item.ious_a[i] or 0.0)
             if status == CLASS_CHANGED:
                 self.class_changes[f"{name} -> {item.classes_b[item.partner_a[i]]}"] += 1
         for status, name in zip(item.status_b, item.classes_b):
@@ -95,7 +98,9 @@ class DiffSummary:
 
     def to_dict(self) -> dict[str, Any]:
         row = lambda c: {kind: int(c.get(kind, 0)) for kind in KINDS}  # noqa: E731
+        pairs = self.total.get(MATCHED, 0) + self.total.get(CLASS_CHANGED, 0)
         return {"iou": self.iou, "class_agnostic": self.class_agnostic,
+                "mean_pair_iou": round(self.pair_iou_sum / pairs, 4) if pairs else None,
                 "images": {k: int(self.images.get(k, 0)) for k in
                            ("both", "only_a", "only_b", "failed_a", "failed_b", "with_changes")},
                 "total": row(self.total),
@@ -120,7 +125,26 @@ def format_table(data: dict[str, Any]) -> str:
                  f" {'class-agnostic' if data['class_agnostic'] else 'class-aware'})")
     if data.get("class_changes"):
         lines.append("class changes: " + ", ".join(f"{k} {v}" for k, v in data["class_changes"].items()))
+    if data.get("mean_pair_iou") is not None:
+        lines.append(f"paired labels: mean mask IoU {data['mean_pair_iou']:.3f}")
+    for side in ("a", "b"):
+        if isinstance(data.get(side), dict) and data[side].get("generator"):
+            side_images = images["both"] + images[f"only_{side}"]
+            lines.append(f"{side.upper()}: {side_line(data[side], data['total'], side, side_images)}")
     return "\n".join(lines)
+
+
+def side_line(desc: dict[str, Any], total: dict[str, int], side: str, images: int) -> str:
+    """One line naming a side's generator, its models, its speed and its labels per image (of its ``images``)."""
+    labels = total.get(MATCHED, 0) + total.get(CLASS_CHANGED, 0) + total.get(ONLY_A if side == "a" else ONLY_B, 0)
+    parts = [f"{desc['generator']} (run {desc.get('run_id')}, {desc.get('kind', 'run')})"]
+    if desc.get("models"):
+        parts.append(", ".join(desc["models"]))
+    if images:
+        parts.append(f"{labels / images:.2f} labels per image")
+    if desc.get("seconds_per_image") is not None:
+        parts.append(f"{desc['seconds_per_image']:.3f} s per image as run")
+    return "; ".join(parts)
 
 
 # -- matching one image --------------------------------------------------------------------------------
@@ -244,7 +268,59 @@ def describe_source(source: ExportSource) -> dict[str, Any]:
     kind = source.copy_kind or ("filter" if source.filter_config is not None else "run")
     return {"run_id": source.run_id, "run_dir": str(source.store.root.resolve()), "kind": kind,
             "name": source.copy_name,
-            "filter": None if source.filter_config is None else config_to_dict(source.filter_config)}
+            "filter": None if source.filter_config is None else config_to_dict(source.filter_config),
+            **generator_facts(source)}
+
+
+def generator_facts(source: ExportSource) -> dict[str, Any]:
+    """What made a side's labels, for comparing generators: the generator's name, its class names (``None``:
+    class-agnostic), the models it loaded (from the committed shards' provenance) and the seconds per image of
+    its committed shards (wall time of the shards / their images; the machine and settings of that run)."""
+    manifest = source.store.manifest()
+    seconds = images = 0.0
+    provenance: dict[str, Any] = {}
+    for shard in source.store.iter_plan():
+        done = source.store.done_record(shard)
+        if done is None:
+            continue
+        provenance = provenance or dict(done.get("provenance") or {})
+        if isinstance(done.get("seconds"), (int, float)):
+            seconds += float(done["seconds"])
+            images += float(done.get("images", len(shard.images)))
+    return {"generator": manifest.get("generator"), "class_names": manifest.get("class_names") or None,
+            "models": model_names(provenance), "random_weights": _random_weights(provenance),
+            "seconds_per_image": round(seconds / images, 4) if images else None}
+
+
+def model_names(provenance: dict[str, Any]) -> list[str]:
+    """``["sam: vit_h", "semantic: ViT-B-16/openai", ...]``: the model facts of a shard's provenance, each a
+    nested dict naming a model (keys ``model``/``model_type``/``model_name``, ``pretrained``/``checkpoint``)."""
+    names = []
+    for key, value in sorted(provenance.items()):
+        if not isinstance(value, dict):
+            continue
+        model = next((value[k] for k in ("model", "model_type", "model_name", "config") if value.get(k)), None)
+        if model is None:
+            continue
+        weights = next((value[k] for k in ("pretrained", "checkpoint") if value.get(k)), None)
+        names.append(f"{key}: {model}" + (f"/{Path(str(weights)).name}" if weights else ""))
+    return names
+
+
+def _random_weights(provenance: dict[str, Any]) -> bool:
+    return bool(provenance.get("random_weights")) or any(
+        isinstance(v, dict) and bool(v.get("random_weights")) for v in provenance.values())
+
+
+def resolve_class_agnostic(source_a: ExportSource, source_b: ExportSource, requested: bool) -> tuple[bool, str]:
+    """Whether to match ignoring classes, and why: as requested, or forced when either side is class-agnostic
+    (a class-agnostic generator such as ``sam-auto`` has no classes to agree on)."""
+    if requested:
+        return True, "--class-agnostic"
+    agnostic = [side for side, source in (("A", source_a), ("B", source_b)) if source.class_agnostic]
+    if agnostic:
+        return True, f"{' and '.join(agnostic)} class-agnostic"
+    return False, ""
 
 
 def diff_name(source_a: ExportSource, source_b: ExportSource) -> str:
