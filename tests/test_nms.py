@@ -130,3 +130,19 @@ def test_mask_nms_rejects_bad_columns(scores, class_ids, message):
     with pytest.raises(ValidationError, match=message):
         mask_nms(rles, np.asarray(scores), 0.5, 0.9,
                  class_ids=None if class_ids is None else np.asarray(class_ids), across_classes=False)
+
+
+def test_more_than_255_masks_have_areas_and_nms():
+    """pycocotools' area() overflows a uint8 scratch array past 255 RLEs under numpy 2: labelgen chunks it."""
+    from labelgen.structures.masks import masks_to_rles, rle_areas
+    from labelgen.structures.nms import mask_nms
+
+    count, size = 300, 40
+    masks = np.zeros((count, size, size), bool)
+    for i in range(count):
+        masks[i, i % size, : 1 + i // size] = True  # area 1 + i // 40
+    assert list(rle_areas(masks_to_rles(masks))) == [1 + i // size for i in range(count)]
+    disjoint = np.zeros((count, 20, 20), bool)
+    disjoint[np.arange(count), np.arange(count) // 20, np.arange(count) % 20] = True
+    keep, _ = mask_nms(masks_to_rles(disjoint), np.linspace(1, 0, count, dtype=np.float32), 0.7, 0.9)
+    assert sorted(keep.tolist()) == list(range(count))

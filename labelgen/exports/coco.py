@@ -40,7 +40,7 @@ from .. import __version__
 from ..atomic import EXPORT_NOTE, atomic_file, create_temp, json_bytes, store_write_error, write_json_atomic
 from ..errors import ExportError
 from ..structures.instances import Instances
-from ..structures.masks import rle_to_pycocotools
+from ..structures.masks import rle_areas, rle_to_pycocotools
 from .paths import export_lock, relative_to_root, remove_stale_export_temps, safe_join
 from .polygons import mask_to_polygons, polygons_iou
 from ..structures.rows import Row
@@ -182,7 +182,7 @@ class _CocoWriter:
         if instances is None or not len(instances):
             return
         category_ids = self._category_ids(instances, row)
-        areas = coco_mask.area([rle_to_pycocotools(r) for r in instances.masks_rle])
+        areas = rle_areas(instances.masks_rle)
         boxes = coco_mask.toBbox([rle_to_pycocotools(r) for r in instances.masks_rle])
         for i, rle in enumerate(instances.masks_rle):
             if areas[i] == 0:

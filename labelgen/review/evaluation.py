@@ -53,7 +53,7 @@ from ..exports.source import ExportSource, open_export_source
 from ..postprocess.filter_config import FilterConfig
 from ..exports.importers import image_size, import_yolo
 from ..structures.instances import ImageRecord, Instances
-from ..structures.masks import rle_to_json, rle_to_pycocotools
+from ..structures.masks import rle_areas, rle_to_json, rle_to_pycocotools
 from ..structures.rows import Row
 
 IOU_TYPES = ("segm", "bbox")
@@ -400,7 +400,7 @@ def _instance_rows(instances: Instances) -> list[tuple[dict, list[float], float,
     """Per instance: (RLE with str counts, bbox XYWH from ``boxes_xyxy``, mask area, class id or None)."""
     if not len(instances):
         return []
-    areas = coco_mask.area([rle_to_pycocotools(r) for r in instances.masks_rle])
+    areas = rle_areas(instances.masks_rle)
     boxes = np.asarray(instances.boxes_xyxy, dtype=np.float64).copy()
     boxes[:, 2:] -= boxes[:, :2]
     ids = instances.class_ids

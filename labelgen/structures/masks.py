@@ -49,11 +49,20 @@ def rles_to_masks(rles: Sequence[RLE], height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(decoded.transpose(2, 0, 1)).astype(bool)
 
 
+AREA_CHUNK = 255  # pycocotools' area() fails on more RLEs than this under numpy 2 (see rle_areas)
+
+
 def rle_areas(rles: Sequence[RLE]) -> np.ndarray:
-    """Pixel counts, ``(N,)`` int64."""
+    """Pixel counts, ``(N,)`` int64, for any ``N``.
+
+    ``pycocotools.mask.area`` (2.0.x) builds a scratch ``np.array((n,), dtype=np.uint8)``, which numpy 2
+    refuses with ``OverflowError`` once ``n > 255``; so the RLEs go through it in chunks of 255.
+    """
     if len(rles) == 0:
         return np.zeros((0,), dtype=np.int64)
-    return np.asarray(coco_mask.area([rle_to_pycocotools(r) for r in rles]), dtype=np.int64)
+    objects = [rle_to_pycocotools(r) for r in rles]
+    return np.concatenate([np.asarray(coco_mask.area(objects[i:i + AREA_CHUNK]), dtype=np.int64)
+                           for i in range(0, len(objects), AREA_CHUNK)])
 
 
 def rles_to_boxes_xyxy(rles: Sequence[RLE]) -> np.ndarray:
