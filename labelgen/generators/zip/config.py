@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ...checks import FieldValueError, bounded, check_fields, check_strings, non_empty, one_of
+from ...models.sam2 import SAM2_MODEL_TYPES
 
 SAM_MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "tiny")  # tiny: a test model (random weights only)
+SAM_BACKENDS = {"sam1": SAM_MODEL_TYPES, "sam2": SAM2_MODEL_TYPES}  # stage 4's model family -> its model types
 PRECISION_CHOICES = ("fp32", "bf16", "fp16", "auto")  # auto: bf16 where the device runs it natively, else fp32
 
 
@@ -73,9 +75,11 @@ class DiscoveryConfig:
 
 @dataclass(frozen=True)
 class SamConfig:
-    """Stage 4: SAM box-prompted refinement and duplicate removal."""
+    """Stage 4: SAM (or SAM 2.1) box-prompted refinement and duplicate removal."""
 
-    model_type: str = one_of("vit_h", SAM_MODEL_TYPES)  # vit_h | vit_l | vit_b (tiny: tests, random weights)
+    backend: Literal["sam1", "sam2"] = one_of("sam1", tuple(SAM_BACKENDS))  # sam1: Segment Anything; sam2: SAM 2.1
+    model_type: str = one_of("vit_h", tuple(dict.fromkeys(SAM_MODEL_TYPES + SAM2_MODEL_TYPES)))  # sam1: vit_h |
+    # vit_l | vit_b; sam2: sam2.1_hiera_tiny | _small | _base_plus | _large (tiny: either's test model, random weights)
     checkpoint: str = ""  # local file; empty = the official checkpoint in the labelgen cache
     multimask_output: bool = False  # True: 3 masks per box, keep the highest predicted IoU
     nms_iou: float = bounded(0.7, 0.0, 1.0)  # [ours] suppress a mask whose IoU with a better one exceeds this
@@ -83,6 +87,9 @@ class SamConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.model_type not in SAM_BACKENDS[self.backend]:
+            raise FieldValueError("model_type", f"backend {self.backend} takes one of"
+                                                f" {list(SAM_BACKENDS[self.backend])}; got {self.model_type!r}")
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,11 @@ from ...structures.instances import ImageRecord, Instances
 from ...structures.masks import masks_to_rles, rles_to_boxes_xyxy
 from ...structures.nms import mask_nms
 from ...models.oom import AdaptiveBatcher, default_is_oom
-from ...models.weights import check_all, resolve_clip_weights, resolve_sam_checkpoint
+from ...models.weights import check_all, resolve_clip_weights
 from .config import ZipConfig
 from .discovery import activation_mask, discover_instances, grid_boxes_to_image
 from .refine import tensor_to_host, zip_confidence
+from .refine_sam2 import build_refiner, refiner_weights_check
 from ..registry import GENERATORS
 from ..base import Generator, failed
 
@@ -96,15 +97,13 @@ class ZipGenerator(Generator):
                               allow_download=download, config_key="generator.semantic.pretrained"),
             functools.partial(resolve_clip_weights, config.boundary.model, config.boundary.pretrained,
                               allow_download=download, config_key="generator.boundary.pretrained"),
-            functools.partial(resolve_sam_checkpoint, config.sam.model_type, config.sam.checkpoint,
-                              allow_download=download),
+            refiner_weights_check(config.sam, allow_download=download),  # sam.backend's checkpoint
         ])
 
     @classmethod
     def from_config(cls, config: ZipConfig, *, device: str = "cpu") -> "ZipGenerator":
         from .boundary import BoundaryStage
-        from ...models.loading import check_device, load_clip, load_sam, resolve_precision
-        from .refine import SamRefiner
+        from ...models.loading import check_device, load_clip, resolve_precision
         from .semantic import SemanticStage
 
         dev = check_device(device)
@@ -114,7 +113,7 @@ class ZipGenerator(Generator):
         common = {"random_weights": config.random_weights, "allow_download": config.allow_download, "device": dev}
         clip_vit, tokenizer, vit_facts = load_clip(config.semantic.model, config.semantic.pretrained, **common)
         clip_rn, _, rn_facts = load_clip(config.boundary.model, config.boundary.pretrained, **common)
-        sam, sam_facts = load_sam(config.sam.model_type, config.sam.checkpoint, **common)
+        refiner, sam_facts = build_refiner(config.sam, precision=precision, **common)  # sam.backend: sam1 | sam2
         facts = {"generator": cls.name, "random_weights": config.random_weights, "device": str(dev),
                  "precision": precision, "precision_requested": config.precision,
                  "semantic": vit_facts, "boundary": rn_facts, "sam": sam_facts}
@@ -122,7 +121,7 @@ class ZipGenerator(Generator):
             config,
             SemanticStage(clip_vit, tokenizer, config.semantic, device=dev, precision=precision),
             BoundaryStage(clip_rn, config.boundary, device=dev, precision=precision),
-            SamRefiner(sam, config.sam, device=str(dev), precision=precision),
+            refiner,
             facts,
         )
 
@@ -265,7 +264,8 @@ class ZipGenerator(Generator):
                               "new_path_start": cfg.semantic.new_path_start},
             LAYER3: {**common, "model": cfg.boundary.model, "weights": self._weights_id("boundary"),
                      "short_side": cfg.boundary.short_side, "max_long_side": cfg.boundary.max_long_side},
-            SAM_EMBEDDING: {**common, "model": cfg.sam.model_type, "weights": self._weights_id("sam")},
+            SAM_EMBEDDING: {**common, "backend": cfg.sam.backend, "model": cfg.sam.model_type,
+                            "weights": self._weights_id("sam")},
         }
 
     def _weights_id(self, stage: str) -> dict[str, Any]:
