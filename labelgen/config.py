@@ -44,6 +44,41 @@ DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")  # what ``execution.device`` 
 
 
 @dataclass(frozen=True)
+class TilingConfig:
+    """Tiled generation of large images (``docs/tiling.md``). Part of ``images``, so fingerprinted;
+    left out of the recipe's dict (and fingerprint) while it equals the default, so runs made before
+    tiling existed keep their fingerprint."""
+
+    mode: Literal["never", "auto", "always"] = one_of("never", ("never", "auto", "always"))  # never: whole
+    # images; auto: tile images wider or taller than tile_size; always: tile every image
+    tile_size: int = bounded(1024, 64, 16384)  # tile side in pixels (tiles at the right/bottom edge are full size too)
+    overlap: int = bounded(128, 1, 8192)  # pixels two neighbouring tiles share at least (< tile_size / 2);
+    # parts of one object are matched in this shared band
+    global_pass: bool = False  # also run the generator on the whole image shrunk to global_size
+    global_size: int = bounded(1024, 64, 16384)  # long side of the global view (integer shrink factor)
+    global_min_side: int = bounded(0, 0, 10**6)  # objects with a box side >= this (full-frame px) come from
+    # the global view, smaller ones from tiles; 0 = tile_size // 2
+    seam_ios: float = bounded(0.5, 0.0, 1.0, low_open=True)  # merge two parts when, inside their tiles'
+    # shared region, their overlap / the smaller one's area there >= this
+    nms_iou: float = bounded(0.5, 0.0, 1.0)  # after merging: drop an instance whose IoU with a better one
+    # from another tile is > this
+    nms_ios: float = bounded(0.8, 0.0, 1.0)  # ... or a seam-cut part lying inside another instance by more than this
+    max_score_columns: tuple[str, ...] = ("clip_class_prob",)  # merged parts take the max of these
+    # score columns (presence-like); every other column is the area-weighted mean
+    max_pixels: int = bounded(2_500_000_000, 1, 10**12)  # with tiling on: the `too_large` limit instead of
+    # images.max_pixels (legitimately huge images; TIFFs are read region by region)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if 2 * self.overlap >= self.tile_size:
+            raise FieldValueError("overlap", f"expected less than half of tile_size ({self.tile_size}); "
+                                             f"got {self.overlap}")
+        for name in self.max_score_columns:
+            if not isinstance(name, str) or not name:
+                raise FieldValueError("max_score_columns", f"expected score column names; got {name!r}")
+
+
+@dataclass(frozen=True)
 class ImagesConfig:
     """How images are read. Part of the run's identity (fingerprinted)."""
 
@@ -51,9 +86,12 @@ class ImagesConfig:
     # (decompression bombs)
     compute_sha256: bool = True  # store each file's content hash in its record
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS  # folder sources: which files are images
+    tiling: TilingConfig = field(default_factory=TilingConfig)  # tiled generation of large images
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if not isinstance(self.tiling, TilingConfig):
+            raise FieldValueError("tiling", f"expected a TilingConfig; got {type(self.tiling).__name__}")
 
 
 @dataclass(frozen=True)
@@ -125,7 +163,7 @@ class Recipe:
             {
                 "description": self.description,
                 "generator": gen,
-                "images": config_to_dict(self.images),
+                "images": _images_dict(self.images),
                 "store": config_to_dict(self.store),
                 "execution": config_to_dict(self.execution),
                 "labeler": config_to_dict(self.labeler),
@@ -149,6 +187,15 @@ class Recipe:
     def fingerprint(self) -> str:
         """sha256 hex of the canonical JSON of ``identity()``."""
         return hashlib.sha256(canonical_json(self.identity()).encode()).hexdigest()
+
+
+def _images_dict(images: ImagesConfig) -> dict[str, Any]:
+    """``images`` as a dict; ``tiling`` left out while it is the default, so the fingerprints of runs
+    made before tiling existed do not change (a non-default ``tiling`` is part of the identity)."""
+    data = config_to_dict(images)
+    if images.tiling == TilingConfig():
+        del data["tiling"]
+    return data
 
 
 def config_to_dict(config: Any) -> Any:
