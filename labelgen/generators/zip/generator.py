@@ -296,7 +296,7 @@ class ZipGenerator(Generator):
 
     def _finish(self, height: int, width: int, proposals: Proposals, refined: Any) -> Instances:
         """Stage 4's CPU part: RLE-encode SAM's masks, scores, drop empty masks, mask NMS."""
-        nonempty = refined.masks.reshape(len(refined.masks), -1).any(axis=1)
+        nonempty = refined.masks.any(axis=(1, 2))  # no reshape: the stack is column-major (no copy)
         rles = masks_to_rles(refined.masks)
         scores = {
             "confidence": zip_confidence(proposals.class_probs, refined.predicted_iou),

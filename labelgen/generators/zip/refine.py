@@ -17,6 +17,7 @@ import numpy as np
 
 from ...errors import GeneratorError, ValidationError
 from ...models.oom import AdaptiveBatcher
+from ...structures.masks import column_major_masks
 from .config import SamConfig
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ class RefineResult:
     """SAM's answer for ``N`` prompt boxes of one image.
 
     Attributes:
-        masks: ``(N, H, W)`` bool, image pixel frame.
+        masks: ``(N, H, W)`` bool, image pixel frame; stored column by column (``column_major_masks``).
         predicted_iou: ``(N,)`` float32, SAM's IoU head for the chosen mask (not clipped).
         stability_score: ``(N,)`` float32 in [0, 1]; 0 for an empty mask.
         mask_choice: ``(N,)`` int64, index of the chosen multimask output (0 when single).
@@ -65,7 +66,8 @@ class RefineResult:
         """The boxes of ``parts`` in order, as one result."""
         if not parts:
             return cls.empty(height, width)
-        return cls(masks=np.concatenate([p.masks for p in parts]),
+        # concatenated column by column, so the RLE encoder reads the stack without another copy
+        return cls(masks=column_major_masks(np.concatenate([p.masks.transpose(0, 2, 1) for p in parts])),
                    predicted_iou=np.concatenate([p.predicted_iou for p in parts]),
                    stability_score=np.concatenate([p.stability_score for p in parts]),
                    mask_choice=np.concatenate([p.mask_choice for p in parts]))
@@ -211,7 +213,7 @@ class SamRefiner:
         chosen = logits[rows, choice]
         threshold = float(self.predictor.model.mask_threshold)
         return RefineResult(
-            masks=(chosen > threshold).cpu().numpy(),
+            masks=column_major_masks((chosen > threshold).transpose(1, 2).contiguous().cpu().numpy()),
             predicted_iou=iou_predictions[rows, choice].cpu().numpy().astype(np.float32),
             stability_score=_stability_score(chosen, threshold).cpu().numpy().astype(np.float32),
             mask_choice=choice.cpu().numpy().astype(np.int64),
