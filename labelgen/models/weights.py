@@ -180,6 +180,33 @@ def _official_file(official: SamCheckpoint, folder: Path, what: str, allow_downl
     return target
 
 
+# SAM 3 (facebookresearch/sam3; code and weights under Meta's "SAM License"). The checkpoint is gated on
+# Hugging Face: request access at SAM3_HF_PAGE, then download SAM3_CHECKPOINT_NAME. Never downloaded here.
+SAM3_HF_PAGE = "https://huggingface.co/facebook/sam3"
+SAM3_CHECKPOINT_NAME = "sam3.pt"
+
+
+def resolve_sam3_checkpoint(checkpoint: str = "", *, config_key: str = "generator.checkpoint") -> Path:
+    """Path of the SAM 3 checkpoint: ``checkpoint`` if given, else ``cache_dir()/sam3/sam3.pt``.
+
+    Local files only: the official file is gated (licence acceptance on Hugging Face), so a missing
+    file is a ``WeightsNotFoundError`` saying where to request it and where to put it.
+    """
+    try:
+        if checkpoint:
+            return _existing_file(checkpoint, "SAM 3 checkpoint", config_key)
+        target = cache_dir() / "sam3" / SAM3_CHECKPOINT_NAME
+        if target.is_file():
+            return target
+        raise WeightsNotFoundError(
+            f"SAM 3 checkpoint not found at {target}. The weights are gated: request access at {SAM3_HF_PAGE}"
+            f" (SAM License), download {SAM3_CHECKPOINT_NAME} from there and put it at {target}, or set"
+            f" {config_key}=/path/to/{SAM3_CHECKPOINT_NAME}"
+        )
+    except WeightsNotFoundError as exc:
+        raise _identified(exc, f"sam3 {checkpoint}", config_key)
+
+
 def resolve_clip_weights(model_name: str, pretrained: str, *, allow_download: bool = True,
                          config_key: str = "the recipe's pretrained field") -> Path:
     """Path of open_clip weights for ``model_name``: a local file, or a pretrained tag
