@@ -89,6 +89,7 @@ class _Boundary:
     def __init__(self, labels):
         self.labels = labels
         self.grid_height, self.grid_width = labels.shape
+        self.num_clusters = int(labels.max()) + 1
 
 
 def test_propose_scales_grid_boxes_to_a_non_square_image(tiny_generator):

@@ -123,9 +123,21 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
+def uses_quick_gelu(model_name: str, pretrained: str) -> bool:
+    """Whether a CLIP built as ``model_name`` for ``pretrained`` must use QuickGELU: OpenAI's weights
+    were trained with ``x * sigmoid(1.702 x)``, while open_clip's plain configs (``ViT-B-16``, ...)
+    use ``nn.GELU``. True for the ``openai`` tag (any case) and for the ``-quickgelu`` configs."""
+    return pretrained.strip().lower() == "openai" or model_name.endswith("-quickgelu")
+
+
 def load_clip(model_name: str, pretrained: str, *, random_weights: bool, allow_download: bool,
               device: torch.device) -> tuple[Any, Any, dict[str, Any]]:
-    """An open_clip model in eval mode on ``device``, its tokenizer, and provenance facts."""
+    """An open_clip model in eval mode on ``device``, its tokenizer, and provenance facts.
+
+    OpenAI weights (:func:`uses_quick_gelu`) get QuickGELU activations (``force_quick_gelu``), also
+    when ``random_weights`` builds the architecture for them, so the network is the one they were
+    trained as; the facts record ``activation``.
+    """
     import open_clip
 
     from .presets import register_model_configs
@@ -133,14 +145,17 @@ def load_clip(model_name: str, pretrained: str, *, random_weights: bool, allow_d
     register_model_configs()
     if model_name not in open_clip.list_models():
         raise GeneratorError(f"unknown open_clip model {model_name!r}; e.g. ViT-B-16, RN50, RN50x64, labelgen-tiny-vit")
+    quick_gelu = uses_quick_gelu(model_name, pretrained)
+    options = {"force_quick_gelu": True} if quick_gelu else {}
     if random_weights:
         torch.manual_seed(RANDOM_SEED)
-        model = open_clip.create_model(model_name, pretrained=None)
+        model = open_clip.create_model(model_name, pretrained=None, **options)
         facts = {"model": model_name, "weights": "RANDOM"}
     else:
         path = resolve_clip_weights(model_name, pretrained, allow_download=allow_download)
-        model = open_clip.create_model(model_name, pretrained=str(path), weights_only=True)
+        model = open_clip.create_model(model_name, pretrained=str(path), weights_only=True, **options)
         facts = {"model": model_name, "pretrained": pretrained, "weights": str(path)}
+    facts["activation"] = "quick_gelu" if quick_gelu else "model_config"
     return model.to(device).eval(), open_clip.get_tokenizer(model_name), facts
 
 

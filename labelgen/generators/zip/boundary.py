@@ -25,7 +25,7 @@ from torch import nn
 from ...errors import GeneratorError, ValidationError
 from .config import BoundaryConfig
 from .discovery import class_map_to_grid
-from .kmeans import even_init_indices, kmeans, semantic_init_indices
+from .kmeans import even_init_indices, kmeans, kmeans_release, release_init_indices, semantic_init_indices
 from ...models.loading import autocast, check_precision
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "Layer3Trunk",
     "layer3_features",
     "resize_for_boundary",
+    "resized_size",
     "truncate_to_layer3",
 ]
 
@@ -105,19 +106,20 @@ def layer3_features(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def resize_for_boundary(
-    image_rgb: np.ndarray, short_side: int, max_long_side: int
+    image_rgb: np.ndarray, short_side: int, max_long_side: int, fidelity: str = "fast"
 ) -> tuple[torch.Tensor, BoundaryResize]:
     """Resize (bicubic, PIL) and CLIP-normalise an image for the boundary backbone.
 
-    ``image_rgb``: (H, W, 3) uint8. The short side becomes ``short_side`` with the aspect kept
-    (long side rounded); if the long side then exceeds ``max_long_side`` the image is instead scaled
-    so its long side equals ``max_long_side``. Returns a (1, 3, h, w) float32 tensor and the sizes.
+    ``image_rgb``: (H, W, 3) uint8. The short side becomes ``short_side`` with the aspect kept; if
+    the long side then exceeds ``max_long_side`` the image is instead scaled so its long side equals
+    ``max_long_side``. ``fidelity`` says how the other side is made an integer (:func:`resized_size`).
+    Returns a (1, 3, h, w) float32 tensor and the sizes.
     """
     _check_image(image_rgb)
     if short_side < 1 or max_long_side < 1:
         raise ValidationError(f"short_side and max_long_side must be >= 1, got {short_side}, {max_long_side}")
     height, width = image_rgb.shape[:2]
-    new_height, new_width = _resized_size(height, width, short_side, max_long_side)
+    new_height, new_width = resized_size(height, width, short_side, max_long_side, fidelity)
     if min(new_height, new_width) < _MIN_INPUT_SIDE:
         raise ValidationError(
             f"image {height}x{width} resizes to {new_height}x{new_width}, smaller than one 16-px feature "
@@ -141,11 +143,16 @@ class BoundaryStage:
         device: torch device of the trunk and of k-means.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (``torch.autocast`` for the backbone; k-means
             always runs on float32 features).
+        fidelity: ``"release"``: the release's resize size, seeds and k-means arithmetic
+            (:func:`resized_size`, :func:`~.kmeans.kmeans_release`); ``"fast"``: ours.
     """
 
     def __init__(self, clip_model: nn.Module, config: BoundaryConfig, *, device: str | torch.device = "cpu",
-                 precision: str = "fp32"):
+                 precision: str = "fp32", fidelity: str = "fast"):
         check_precision(precision)
+        if fidelity not in ("release", "fast"):
+            raise GeneratorError(f"fidelity must be 'release' or 'fast', got {fidelity!r}")
+        self.fidelity = fidelity
         if config.init not in ("even", "semantic"):
             raise GeneratorError(f"boundary.init must be 'even' or 'semantic', got {config.init!r}")
         self.config = config
@@ -160,7 +167,8 @@ class BoundaryStage:
         maximum over the kept classes); required when ``config.init == "semantic"``, else ignored.
         It is resampled onto the feature grid like :func:`~.discovery.activation_mask` does.
         """
-        images, resize = resize_for_boundary(image_rgb, self.config.short_side, self.config.max_long_side)
+        images, resize = resize_for_boundary(image_rgb, self.config.short_side, self.config.max_long_side,
+                                             self.fidelity)
         return self._cluster(self._features(images), resize, activation_map)
 
     def encode(self, image_rgb: np.ndarray) -> np.ndarray:
@@ -172,7 +180,7 @@ class BoundaryStage:
         """:meth:`encode` for several images: one forward pass per resized size (images that
         resize alike share one). B tensors (1, C, grid_height, grid_width) float32 on ``self.device``,
         in input order."""
-        resized = [resize_for_boundary(image, self.config.short_side, self.config.max_long_side)[0]
+        resized = [resize_for_boundary(image, self.config.short_side, self.config.max_long_side, self.fidelity)[0]
                    for image in images_rgb]
         groups: dict[tuple[int, int], list[int]] = {}
         for index, tensor in enumerate(resized):
@@ -200,8 +208,8 @@ class BoundaryStage:
             features = torch.from_numpy(features)
         if len(shape) != 4 or shape[0] != 1 or not ok:
             raise ValidationError(f"expected (1, C, h, w) float32 layer3 features, got {features.dtype} {shape}")
-        resized_height, resized_width = _resized_size(image_height, image_width, self.config.short_side,
-                                                      self.config.max_long_side)
+        resized_height, resized_width = resized_size(image_height, image_width, self.config.short_side,
+                                                     self.config.max_long_side, self.fidelity)
         resize = BoundaryResize(image_height, image_width, resized_height, resized_width)
         return self._cluster(features.to(self.device), resize, activation_map)
 
@@ -211,8 +219,9 @@ class BoundaryStage:
         _, channels, grid_height, grid_width = features.shape
         vectors = features[0].permute(1, 2, 0).reshape(grid_height * grid_width, channels)
         seeds = self._init_indices(resize, grid_height, grid_width, activation_map)
+        cluster = kmeans_release if self.fidelity == "release" else kmeans
         with torch.inference_mode():
-            labels, centroids, iterations = kmeans(
+            labels, centroids, iterations = cluster(
                 vectors, self.config.num_clusters, self.config.max_iterations, self.config.tolerance, seeds
             )
         grid = labels.reshape(grid_height, grid_width).cpu().numpy().astype(np.int32)
@@ -239,19 +248,32 @@ class BoundaryStage:
                       activation_map: np.ndarray | None) -> torch.Tensor:
         cells = grid_height * grid_width
         if self.config.init == "even":
-            return torch.from_numpy(even_init_indices(cells, self.config.num_clusters))
+            even = release_init_indices if self.fidelity == "release" else even_init_indices
+            return torch.from_numpy(even(cells, self.config.num_clusters))
         if activation_map is None:
             raise GeneratorError("boundary.init='semantic' needs an activation_map from stage 1; none was given")
         grid_map = class_map_to_grid(activation_map, resize.image_height, resize.image_width, grid_height, grid_width)
         return torch.from_numpy(semantic_init_indices(grid_map, self.config.num_clusters))
 
 
-def _resized_size(height: int, width: int, short_side: int, max_long_side: int) -> tuple[int, int]:
-    """(new_height, new_width): short side = ``short_side``, long side capped at ``max_long_side``."""
+def resized_size(height: int, width: int, short_side: int, max_long_side: int,
+                 fidelity: str = "fast") -> tuple[int, int]:
+    """(new_height, new_width): short side = ``short_side``, long side capped at ``max_long_side``.
+
+    ``fidelity="release"``: the other side is truncated, as torchvision's ``Resize(short_side,
+    max_size=...)`` computes it (``int(short_side * long / short)``: 640x480 -> 2730x2048; over the
+    cap, ``int(max_long_side * short_side / new_long)``). ``"fast"``: rounded (640x480 -> 2731x2048).
+    """
     short, long = min(height, width), max(height, width)
-    new_short, new_long = short_side, max(1, round(long * short_side / short))
-    if new_long > max_long_side:
-        new_short, new_long = max(1, round(short * max_long_side / long)), max_long_side
+    if fidelity == "release":
+        new_short, new_long = short_side, int(short_side * long / short)
+        if new_long > max_long_side:
+            new_short, new_long = int(max_long_side * new_short / new_long), max_long_side
+        new_short, new_long = max(1, new_short), max(1, new_long)
+    else:
+        new_short, new_long = short_side, max(1, round(long * short_side / short))
+        if new_long > max_long_side:
+            new_short, new_long = max(1, round(short * max_long_side / long)), max_long_side
     return (new_short, new_long) if height <= width else (new_long, new_short)
 
 

@@ -13,6 +13,7 @@ from ...models.sam2 import SAM2_MODEL_TYPES
 SAM_MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "tiny")  # tiny: a test model (random weights only)
 SAM_BACKENDS = {"sam1": SAM_MODEL_TYPES, "sam2": SAM2_MODEL_TYPES}  # stage 4's model family -> its model types
 PRECISION_CHOICES = ("fp32", "bf16", "fp16", "auto")  # auto: bf16 where the device runs it natively, else fp32
+FIDELITY_CHOICES = ("release", "fast")  # release: stages 1-3 as the authors' code computes them; fast: our rules
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class SemanticConfig:
     generic_prompt: str = non_empty("object")  # the one-word vocabulary used when agnostic and vocabulary is empty
     class_threshold: float = bounded(0.1, 0.0, 1.0)  # [ours] keep classes with CLS-token probability >= this ...
     top_k: int = bounded(3, 0, 10_000)  # [ours] ... and at most this many per image (0 = no limit)
+    token_normalisation: Literal["channels", "tokens"] = one_of("channels", ("channels", "tokens"))  # [ours]
+    # channels: L2 along each token's channels (the fix); tokens: along the token axis, as the release does
+    positional_embedding: Literal["cached", "mutate"] = one_of("cached", ("cached", "mutate"))  # [ours] cached:
+    # interpolated per grid, never written back; mutate: written into the model, as the release does
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -68,9 +73,24 @@ class DiscoveryConfig:
     min_cells: int = bounded(100, 0, None)  # drop instances smaller than this many grid cells
     min_cells_reference_short_side: int = bounded(0, 0, None)  # [ours] >0: scale min_cells by
     # (grid short side*16 / this)^2
+    cluster_visits: Literal["most_common", "all"] = one_of("most_common", ("most_common", "all"))  # most_common:
+    # the release's Counter(labels*A).most_common(k), whose 0 entry can push the least activated cluster out;
+    # all: every cluster with an activated cell [ours]
+    # Method fixes the oracle exposed (docs/oracle-check.md), each off here, as released:
+    box_margin_cells: int = bounded(0, 0, 16)  # [ours] grow each prompt box by this many cells per side (1: the
+    # boundary ring that stage 3 drops)
+    fragment_connectivity: int = bounded(4, 4, 8)  # [ours] 4 (released) or 8: fragments split 8-connected, so a
+    # diagonal boundary ring is one thin fragment (fails the extent test) rather than single cells that bridge
+    recover_small: bool = False  # [ours] an instance below the minimum is measured with its one-cell ring
+    nms_containment: Literal["all", "same_class"] = one_of("all", ("all", "same_class"))  # [ours] which masks
+    # intersection-over-smaller NMS compares: all (released) or one class only (keeps food in a bowl)
+    duplicate_class: Literal["confidence", "evidence"] = one_of("confidence", ("confidence", "evidence"))  # [ours]
+    # of masks that duplicate each other (IoU NMS): keep the most confident, or the best fragment evidence
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.fragment_connectivity not in (4, 8):
+            raise FieldValueError("fragment_connectivity", f"expected 4 or 8; got {self.fragment_connectivity}")
 
 
 @dataclass(frozen=True)
@@ -103,6 +123,8 @@ class ZipConfig:
     # auto = bf16 where the device runs it natively, else fp32 (the choice is logged and in the provenance)
     random_weights: bool = False  # real architectures, random weights: smoke tests only, said loudly
     allow_download: bool = True  # fetch missing official weights when the network allows
+    fidelity: Literal["release", "fast"] = one_of("release", FIDELITY_CHOICES)  # release: stages 1-3 reproduce the
+    # authors' code on the same weights (resize, sampling, k-means arithmetic); fast: our faster rules (method.md)
 
     def __post_init__(self) -> None:
         check_fields(self)

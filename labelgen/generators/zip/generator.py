@@ -35,7 +35,7 @@ from ...structures.nms import mask_nms
 from ...models.oom import AdaptiveBatcher, default_is_oom
 from ...models.weights import check_all, resolve_clip_weights
 from .config import ZipConfig
-from .discovery import activation_mask, discover_instances, grid_boxes_to_image
+from .discovery import activation_mask, discover_instances, grid_boxes_to_image, grow_grid_boxes
 from .refine import tensor_to_host, zip_confidence
 from .refine_sam2 import build_refiner, refiner_weights_check
 from ..registry import GENERATORS
@@ -43,7 +43,8 @@ from ..base import Generator, failed
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # bump when what an encoder entry holds changes (2: batch-first ViT blocks)
+CACHE_FORMAT = 3  # bump when what an encoder entry holds changes (2: batch-first ViT blocks; 3: QuickGELU
+# for OpenAI weights)
 SEMANTIC_TOKENS, LAYER3, SAM_EMBEDDING = "clip_surgery_tokens", "clip_layer3", "sam_embedding"
 SCORE_COLUMNS = ("confidence", "clip_class_prob", "sam_predicted_iou", "sam_stability_score",
                  "activated_fraction", "extent")
@@ -120,7 +121,7 @@ class ZipGenerator(Generator):
         return cls(
             config,
             SemanticStage(clip_vit, tokenizer, config.semantic, device=dev, precision=precision),
-            BoundaryStage(clip_rn, config.boundary, device=dev, precision=precision),
+            BoundaryStage(clip_rn, config.boundary, device=dev, precision=precision, fidelity=config.fidelity),
             refiner,
             facts,
         )
@@ -263,7 +264,8 @@ class ZipGenerator(Generator):
                               "input_size": cfg.semantic.input_size, "surgery_depth": cfg.semantic.surgery_depth,
                               "new_path_start": cfg.semantic.new_path_start},
             LAYER3: {**common, "model": cfg.boundary.model, "weights": self._weights_id("boundary"),
-                     "short_side": cfg.boundary.short_side, "max_long_side": cfg.boundary.max_long_side},
+                     "short_side": cfg.boundary.short_side, "max_long_side": cfg.boundary.max_long_side,
+                     "resize_rule": "truncate" if cfg.fidelity == "release" else "round"},
             SAM_EMBEDDING: {**common, "backend": cfg.sam.backend, "model": cfg.sam.model_type,
                             "weights": self._weights_id("sam")},
         }
@@ -278,12 +280,14 @@ class ZipGenerator(Generator):
     def propose(self, semantic: Any, boundary: Any, height: int, width: int) -> Proposals:
         """Stage 3 for every kept class: activated fragments -> instances -> image-pixel boxes."""
         rows: list[tuple] = []
+        discovery = self.config.discovery
         for class_id in semantic.kept:
             activated = activation_mask(semantic.maps[class_id], height, width, boundary.grid_height,
-                                        boundary.grid_width, self.config.discovery.activation_ratio)
-            for inst in discover_instances(boundary.labels, activated, self.config.discovery):
+                                        boundary.grid_width, discovery.activation_ratio, self.config.fidelity)
+            for inst in discover_instances(boundary.labels, activated, discovery, boundary.num_clusters):
                 rows.append((inst, int(class_id), float(semantic.class_probs[class_id])))
-        grid_boxes = np.array([r[0].box_xyxy_grid for r in rows], dtype=np.float64).reshape(-1, 4)
+        grid_boxes = grow_grid_boxes(np.array([r[0].box_xyxy_grid for r in rows], dtype=np.float64),
+                                     discovery.box_margin_cells, boundary.grid_height, boundary.grid_width)
         return Proposals(
             boxes_xyxy=grid_boxes_to_image(grid_boxes, boundary.grid_height, boundary.grid_width, height, width),
             class_ids=np.array([r[1] for r in rows], dtype=np.int32),
@@ -325,12 +329,33 @@ class ZipGenerator(Generator):
         return self._suppress_duplicates(instances)
 
     def _suppress_duplicates(self, instances: Instances) -> Instances:
-        """Mask NMS across classes and overlapping prompts (IoU and intersection-over-smaller)."""
+        """Mask NMS across classes and overlapping prompts (IoU and intersection-over-smaller).
+
+        As released (``discovery.nms_containment: all``, ``duplicate_class: confidence``): one greedy
+        pass by confidence, both criteria across classes. ``nms_containment: same_class``: IoU across
+        classes first, then intersection-over-smaller among masks of one stage-1 class only (a part of
+        an object goes; food in a bowl stays). ``duplicate_class: evidence``: of a mask and the masks
+        its IoU suppressed, the one with the highest ``activated_fraction`` is kept (its class, mask
+        and scores; ties: the most confident).
+        """
         if len(instances) < 2:
             return instances
-        keep, _ = mask_nms(list(instances.masks_rle), instances.scores["confidence"],
-                           self.config.sam.nms_iou, self.config.sam.nms_ios)
-        return instances[np.sort(keep)]
+        cfg, discovery = self.config.sam, self.config.discovery
+        if discovery.nms_containment == "all" and discovery.duplicate_class == "confidence":
+            keep, _ = mask_nms(list(instances.masks_rle), instances.scores["confidence"], cfg.nms_iou, cfg.nms_ios)
+            return instances[np.sort(keep)]
+        ios_first = cfg.nms_ios if discovery.nms_containment == "all" else 1.0
+        keep, suppressed_by = mask_nms(list(instances.masks_rle), instances.scores["confidence"], cfg.nms_iou,
+                                       ios_first)
+        if discovery.duplicate_class == "evidence":
+            keep = _best_evidence(keep, suppressed_by, instances.scores["activated_fraction"])
+        instances = instances[np.sort(keep)]
+        if discovery.nms_containment == "same_class" and cfg.nms_ios < 1.0 and len(instances) > 1:
+            classes = np.asarray(instances.attributes["semantic_class_id"], np.int64)
+            keep, _ = mask_nms(list(instances.masks_rle), instances.scores["confidence"], 1.0, cfg.nms_ios,
+                               class_ids=classes, across_classes=False)
+            instances = instances[np.sort(keep)]
+        return instances
 
     def _empty(self, height: int, width: int) -> Instances:
         return Instances(
@@ -341,6 +366,17 @@ class ZipGenerator(Generator):
                                                "area_cells", "sam_mask_choice")},
             provenance={"generator": self.name},
         )
+
+
+def _best_evidence(keep: np.ndarray, suppressed_by: np.ndarray, evidence: np.ndarray) -> np.ndarray:
+    """For each kept index, the member of its duplicate group (itself and what it suppressed) with the
+    highest ``evidence``; ties go to the kept one (the most confident), then the lower index."""
+    chosen = []
+    for kept in keep:
+        group = [int(kept), *np.flatnonzero(suppressed_by == kept).tolist()]
+        best = max(group, key=lambda i: (float(evidence[i]), i == kept, -i))
+        chosen.append(best)
+    return np.asarray(chosen, dtype=np.int64)
 
 
 def check_architectures(config: ZipConfig) -> None:

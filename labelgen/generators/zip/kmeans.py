@@ -15,6 +15,13 @@ Specification: ``docs/zip-method.md`` (Stage 2, "K-means").
   input gives bit-identical labels and centroids twice on one device.
 * **[ours]** Distances drop the per-row constant ``||x||^2`` (it cannot change the argmin) and rank
   ``||c||^2 - 2 x.c``; this avoids cancellation on large raw feature norms. Ties go to the lowest id.
+
+:func:`kmeans_release` is the ``fidelity: release`` path: the same algorithm with the release's own
+arithmetic, so that it returns the release's assignment on the same features (``docs/method.md``,
+"Fidelity"): seeds ``torch.round(torch.linspace(0, n - 1, k))`` in float32, distances with
+``torch.cdist(p=2)``, each centroid the ``mean`` of its members' rows (an empty cluster keeps its
+centroid), the stop rule ``torch.allclose(new, old, rtol=tolerance)`` with torch's default
+``atol = 1e-8``, and as labels the assignment of the last iteration (made *before* its update).
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ import torch
 
 from ...errors import ValidationError
 
-__all__ = ["kmeans", "even_init_indices", "semantic_init_indices"]
+__all__ = ["kmeans", "kmeans_release", "even_init_indices", "release_init_indices", "semantic_init_indices"]
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -37,6 +44,19 @@ def even_init_indices(num_points: int, k: int) -> np.ndarray:
         raise ValidationError(f"even_init_indices needs num_points >= 1 and k >= 1, got {num_points}, {k}")
     k = min(k, num_points)
     return np.rint(np.linspace(0.0, num_points - 1.0, k)).astype(np.int64)
+
+
+def release_init_indices(num_points: int, k: int) -> np.ndarray:
+    """The release's seeds: ``unique(round(torch.linspace(0, n - 1, k)))`` computed in float32 on the CPU
+    (torch's default dtype), as (<= k,) int64 ascending. ``k`` is clamped to ``num_points``.
+
+    Float32 positions can round to another index than :func:`even_init_indices`'s float64 ones on
+    large grids; this is the rule the release's k-means starts from.
+    """
+    if num_points < 1 or k < 1:
+        raise ValidationError(f"release_init_indices needs num_points >= 1 and k >= 1, got {num_points}, {k}")
+    positions = torch.linspace(0, num_points - 1, min(k, num_points))
+    return torch.unique(torch.round(positions)).to(torch.int64).numpy()
 
 
 def semantic_init_indices(activation: np.ndarray, k: int) -> np.ndarray:
@@ -110,6 +130,43 @@ def kmeans(
         if converged:
             break
     return _assign(features, centroids), centroids, iterations
+
+
+def kmeans_release(
+    features: torch.Tensor,
+    k: int,
+    max_iterations: int = 100,
+    tolerance: float = 1e-5,
+    init_indices: torch.Tensor | np.ndarray | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Lloyd's k-means with the authors' release's arithmetic (module docstring), same interface as
+    :func:`kmeans`.
+
+    ``init_indices`` default: :func:`release_init_indices`. Returns ``labels`` (n,) int64 (the
+    assignment made at the start of the last iteration, to the centroids before its update, as the
+    release returns them), ``centroids`` (k, d) after the last update, and ``iterations`` (updates
+    performed). Slower than :func:`kmeans` (one masked mean per cluster and iteration).
+    """
+    features = _check_features(features)
+    _check_params(k, max_iterations, tolerance)
+    num_points = features.shape[0]
+    if init_indices is None:
+        seeds = torch.from_numpy(release_init_indices(num_points, k)).to(features.device)
+    else:
+        seeds = _init_indices(init_indices, num_points, min(k, num_points), features.device)
+    centroids = features[seeds]  # advanced indexing: a copy, updated in place below
+    labels = torch.zeros(num_points, dtype=torch.int64, device=features.device)
+    iterations = 0
+    for iterations in range(1, max_iterations + 1):
+        labels = torch.argmin(torch.cdist(features, centroids, p=2), dim=1)
+        previous = centroids.clone()
+        for cluster in range(centroids.shape[0]):
+            members = features[labels == cluster]
+            if len(members) > 0:
+                centroids[cluster] = members.mean(dim=0)
+        if torch.allclose(centroids, previous, rtol=tolerance):  # atol: torch's default, as released
+            break
+    return labels, centroids, iterations
 
 
 def _check_features(features: torch.Tensor) -> torch.Tensor:

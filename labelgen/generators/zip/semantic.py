@@ -278,11 +278,13 @@ def _multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
 
 
 # ------------------------------------------------------------------- maps and gating
-def activation_maps(patch_features: torch.Tensor, text: torch.Tensor, redundant: torch.Tensor) -> torch.Tensor:
+def activation_maps(patch_features: torch.Tensor, text: torch.Tensor, redundant: torch.Tensor, *,
+                    normalise: bool = True) -> torch.Tensor:
     """Per-class activation maps: (B, C, g, g) float32 in [0, 1], g = sqrt(N).
 
     ``patch_features``: (B, N, D) projected patch tokens in raster order (CLS removed);
-    ``text``: (C, D); ``redundant``: (D,). Tokens are L2-normalised along channels, the
+    ``text``: (C, D); ``redundant``: (D,). Tokens are L2-normalised along channels (unless
+    ``normalise`` is false: the caller normalised them, see :func:`normalise_tokens`), the
     similarity is ``tokens @ (text - redundant)ᵀ``, then min-max normalised per class over
     the N tokens (a class whose similarities are all equal gets zeros).
     """
@@ -295,12 +297,22 @@ def activation_maps(patch_features: torch.Tensor, text: torch.Tensor, redundant:
     grid = math.isqrt(n_tokens)
     if grid * grid != n_tokens:
         raise ValidationError(f"expected a square number of patch tokens, got {n_tokens}")
-    tokens = F.normalize(patch_features.float(), dim=-1)
+    tokens = F.normalize(patch_features.float(), dim=-1) if normalise else patch_features.float()
     similarity = tokens @ (text.float() - redundant.float()).T  # (B, N, C)
     low = similarity.amin(dim=1, keepdim=True)
     span = similarity.amax(dim=1, keepdim=True) - low
     maps = (similarity - low) / torch.where(span > 0, span, torch.ones_like(span))
     return maps.transpose(1, 2).reshape(batch, text.shape[0], grid, grid)
+
+
+def normalise_tokens(tokens: torch.Tensor, axis: str = "channels") -> torch.Tensor:
+    """(B, 1 + N, D) projected tokens divided by their L2 norm along ``axis``: ``"channels"`` (each
+    token a unit vector, the fix) or ``"tokens"`` (each channel over the 1 + N tokens, CLS included:
+    ``x / x.norm(dim=1)`` as the release computes it)."""
+    if axis not in ("channels", "tokens"):
+        raise ValidationError(f"token normalisation must be 'channels' or 'tokens', got {axis!r}")
+    tokens = tokens.float()
+    return tokens / tokens.norm(dim=-1 if axis == "channels" else 1, keepdim=True)
 
 
 def class_probabilities(cls_feature: torch.Tensor, text: torch.Tensor, logit_scale: float) -> torch.Tensor:
@@ -419,12 +431,27 @@ class SemanticStage:
             return []
         pixels = torch.cat([preprocess_square(image, self.config.input_size, self.mean, self.std)
                             for image in images_rgb]).to(self.device)
+        if self.config.positional_embedding == "mutate":
+            self._write_positional_embedding(pixels.shape[-1] // self.model.visual.patch_size[0])
         with torch.inference_mode():
             with autocast(self.device, self.precision):
                 tokens = surgery_forward(self.model.visual, pixels, self.config.surgery_depth,
                                          new_path_start=self.config.new_path_start)
             tokens = tokens.float()
         return list(tokens.unbind(0))
+
+    def _write_positional_embedding(self, grid: int) -> None:
+        """``positional_embedding: mutate``: the interpolated embedding written into the model, as the
+        release's CLIP Surgery does; later calls at this grid use it as is (same values as ``cached``
+        at one input size; another size then interpolates from the written one)."""
+        visual = self.model.visual
+        if visual.positional_embedding.shape[0] != 1 + grid * grid:
+            value = positional_embedding_for_grid(visual, grid)
+            with torch.no_grad():
+                visual.positional_embedding.data = value.clone()
+            with _POS_LOCK:  # entries computed from the former parameter no longer describe the model
+                for key in [key for key, entry in _POS_CACHE.items() if entry[0]() is visual]:
+                    del _POS_CACHE[key]
 
     def from_tokens(self, tokens: np.ndarray | torch.Tensor) -> SemanticResult:
         """The vocabulary's part: ``SemanticResult`` from :meth:`encode`'s (1 + N, D) float32 tokens
@@ -445,7 +472,11 @@ class SemanticStage:
         text, redundant = self.text_cache.get(self.model_key, self.model, self.tokenizer, self.class_names, self.device)
         with torch.inference_mode():
             probs = class_probabilities(tokens[:, 0], text, float(self.model.logit_scale.exp()))[0]
-            maps = activation_maps(tokens[:, 1:], text, redundant)[0]
+            if self.config.token_normalisation == "channels":
+                maps = activation_maps(tokens[:, 1:], text, redundant)[0]
+            else:  # the release's axis: over the tokens, CLS included
+                normed = normalise_tokens(tokens, "tokens")
+                maps = activation_maps(normed[:, 1:], text, redundant, normalise=False)[0]
         probs_np = probs.cpu().numpy().astype(np.float32)
         kept = gate_classes(probs_np, self.config.class_threshold, self.config.top_k)
         return SemanticResult(class_probs=probs_np, maps=maps.cpu().numpy().astype(np.float32), kept=kept)
