@@ -11,6 +11,7 @@ from .base import Generator
 from .registry import GENERATORS, load_plugins
 from .zip import generator as _zip  # noqa: E402,F401  (built-in: registers "zip")
 from . import sam_auto as _sam_auto  # noqa: E402,F401  (built-in: registers "sam-auto")
+from . import sam2_auto as _sam2_auto  # noqa: E402,F401  (built-in: registers "sam2-auto")
 from . import sam3_concepts as _sam3  # noqa: E402,F401  (built-in: registers "sam3")
 
 __all__ = ["GENERATORS", "Generator", "load_plugins"]
