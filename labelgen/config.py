@@ -120,6 +120,7 @@ class ExecutionConfig:
     cache_max_gb: float = bounded(50.0, 0, 1_000_000, low_open=True)  # feature cache size bound (least
     # recently used entries are evicted)
     batch_size: int = bounded(1, 1, 4096)  # images per image-encoder call (CLIP, SAM); halved on out-of-memory
+    compile: bool = False  # torch.compile the encoders' blocks (models/compile.py): slower start, faster long runs
 
     def __post_init__(self) -> None:
         check_fields(self)

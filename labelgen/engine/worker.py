@@ -22,11 +22,15 @@ _LABELERS: dict[tuple[str, str], Labeler] = {}  # per process: (fingerprint, dev
 
 def get_generator(recipe: Recipe) -> Generator:
     """The process's generator for this recipe, built on first use (models load once per worker)."""
-    key = (recipe.fingerprint(), recipe.execution.device, recipe.execution.cache_dir)
+    key = (recipe.fingerprint(), recipe.execution.device, recipe.execution.cache_dir, recipe.execution.compile)
     if key not in _GENERATORS:
         cls = GENERATORS.get(recipe.generator.name)
         generator = cls.from_config(recipe.generator.params, device=recipe.execution.device)
         _attach_feature_cache(generator, recipe.execution)
+        if recipe.execution.compile:
+            from ..models.compile import compile_encoders
+
+            compile_encoders(generator)
         _GENERATORS[key] = generator
         _limit_torch_threads(recipe.execution)
     return _GENERATORS[key]
