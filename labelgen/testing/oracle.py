@@ -73,6 +73,8 @@ class OracleConfig:
     tolerance: float = 1e-5
     predicted_iou: Literal["box_iou", "one"] = "box_iou"  # SAM oracle's IoU head: prompt/GT box IoU, or 1
     class_agnostic: bool = False  # True: instances carry no class ids
+    fidelity: Literal["release", "fast"] = "fast"  # stage 3's activation-mask sampling (ZipConfig.fidelity); the
+    # oracle grid takes cell centres, which is the fast rule
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)  # stage 3, real
     sam: SamConfig = field(default_factory=SamConfig)  # only nms_iou / nms_ios are used
 
@@ -84,6 +86,8 @@ class OracleConfig:
             raise ConfigError(f"generator.part_size must be >= 0 (0 = one part); got {self.part_size}")
         if not self.gt_root:
             raise ConfigError("generator.gt_root must name a YOLO-seg dataset root; got ''")
+        if self.fidelity not in ("release", "fast"):
+            raise ConfigError(f"generator.fidelity must be release or fast; got {self.fidelity!r}")
 
 
 @dataclass(frozen=True)
@@ -424,4 +428,5 @@ def _zip_config(config: OracleConfig, class_names: tuple[str, ...]) -> ZipConfig
         discovery=config.discovery,
         sam=config.sam,
         allow_download=False,
+        fidelity=config.fidelity,
     )

@@ -106,15 +106,23 @@ def activation_mask(
     grid_width: int,
     ratio: float = 0.7,
     fidelity: str = "fast",
+    image_map: np.ndarray | None = None,
 ) -> np.ndarray:
     """Activated cells ``A = map > ratio * mean(map)`` on the feature grid, (grid_h, grid_w) bool.
 
     ``class_map``: (g_h, g_w) float in [0, 1] (stage 1's min-max normalised map of one class).
     ``fidelity``: ``"fast"`` samples cell centres and averages the grid-sized map; ``"release"``
     averages the image-sized map and samples ``floor(i * H / h)`` (module docstring).
+    ``image_map``: ``"release"`` only, the (image_height, image_width) float32 upsampled map when the
+    caller has it from torch itself (``semantic.upsample_maps``: bit for bit the release's);
+    default :func:`release_image_map` (numpy, within ~1e-6 of torch's).
     """
     if fidelity == "release":
-        image_map = release_image_map(class_map, image_height, image_width)
+        if image_map is None:
+            image_map = release_image_map(class_map, image_height, image_width)
+        elif np.shape(image_map) != (image_height, image_width):
+            raise ValidationError(f"image_map must be ({image_height}, {image_width}), got {np.shape(image_map)}")
+        image_map = np.ascontiguousarray(image_map, dtype=np.float32)
         threshold = np.mean(image_map) * ratio  # numpy's float32 mean and scalar rules, as the release
         rows = _nearest_source_pixels(grid_height, image_height)
         cols = _nearest_source_pixels(grid_width, image_width)
@@ -128,7 +136,9 @@ def activation_mask(
 def release_image_map(class_map: np.ndarray, image_height: int, image_width: int) -> np.ndarray:
     """(image_height, image_width) float32: ``class_map`` (g_h, g_w) upsampled bilinearly in float32
     with torch's rule (``interpolate(mode="bilinear", align_corners=False)``: source
-    ``max(0, scale * (i + 0.5) - 0.5)`` with ``scale = float32(in) / out``, weights in float32)."""
+    ``max(0, scale * (i + 0.5) - 0.5)`` with ``scale = float32(in) / out``, weights in float32).
+    torch's kernels order the float32 products differently, so values agree to ~1e-6, not bit for
+    bit; the generator passes torch's own map instead (``activation_mask(image_map=...)``)."""
     values = _checked_map(class_map, image_height, image_width, 1, 1).astype(np.float32)
     r0, r1, wr = _float32_linear(image_height, values.shape[0])
     c0, c1, wc = _float32_linear(image_width, values.shape[1])
@@ -181,8 +191,8 @@ def discover_instances(labels: np.ndarray, activated: np.ndarray, config: Discov
     ``labels``: (h, w) non-negative integer cluster ids. ``activated``: (h, w) bool.
     ``num_clusters``: k of the clustering (default ``labels.max() + 1``), the length of the
     release's ``most_common`` list. Steps: visit the clusters with activated cells
-    (``config.cluster_visits``, module docstring); keep each fragment (4- or 8-connected,
-    ``fragment_connectivity``) of the cluster's full mask whose activated fraction is
+    (``config.cluster_visits``, module docstring); keep each 4-connected fragment of the cluster's
+    full mask (with ``fragment_connectivity: 8``, not its thin ring pieces) whose activated fraction is
     ``> min_activated_fraction`` and whose ``bbox_area / area < max_box_to_area``; instances are the
     4-connected components of the union of kept fragments with at least :func:`min_instance_cells`
     cells (with ``recover_small``, a smaller one counts its one-cell ring and becomes the grown
@@ -194,11 +204,10 @@ def discover_instances(labels: np.ndarray, activated: np.ndarray, config: Discov
         visits = _clusters_most_common(labels, activated, k)
     else:
         visits = _clusters_by_activation(labels, activated)
-    structure = _EIGHT_CONNECTED if config.fragment_connectivity == 8 else _FOUR_CONNECTED
     fragment_ids = np.zeros(labels.shape, dtype=np.int64)  # 0 = not kept; else a global fragment id
     next_id = 1
     for cluster in visits:
-        next_id = _keep_fragments(labels == cluster, activated, config, fragment_ids, next_id, structure)
+        next_id = _keep_fragments(labels == cluster, activated, config, fragment_ids, next_id)
     components, _ = ndimage.label(fragment_ids > 0, structure=_FOUR_CONNECTED)
     areas = np.bincount(components.ravel())
     minimum = min_instance_cells(*labels.shape, config)
@@ -301,13 +310,18 @@ def _keep_fragments(
     config: DiscoveryConfig,
     fragment_ids: np.ndarray,
     next_id: int,
-    structure: np.ndarray = _FOUR_CONNECTED,
 ) -> int:
-    """Write the cluster's kept fragments (connected by ``structure``) into ``fragment_ids``; return the
-    next free id."""
-    fragments, _ = ndimage.label(cluster_mask, structure=structure)
+    """Write the cluster's kept 4-connected fragments into ``fragment_ids``; return the next free id.
+
+    ``fragment_connectivity: 8``: a fragment that is *thin* (no cell whose four neighbours are all
+    in it) and joins others of its cluster diagonally is a piece of a ring or a bridge, and is not
+    kept whatever its own extent (a one-cell step of a diagonal boundary ring passes the extent test
+    on its own and would join two instances).
+    """
+    fragments, _ = ndimage.label(cluster_mask, structure=_FOUR_CONNECTED)
+    rings = _ring_pieces(cluster_mask, fragments) if config.fragment_connectivity == 8 else None
     for index, box in enumerate(ndimage.find_objects(fragments), start=1):
-        if box is None:
+        if box is None or (rings is not None and index in rings):
             continue
         fragment = fragments[box] == index
         area = int(fragment.sum())
@@ -317,6 +331,22 @@ def _keep_fragments(
             fragment_ids[box][fragment] = next_id
             next_id += 1
     return next_id
+
+
+def _ring_pieces(cluster_mask: np.ndarray, fragments: np.ndarray) -> set[int]:
+    """Ids of the 4-connected ``fragments`` that are thin (4-erosion empty) and share an 8-connected
+    component of ``cluster_mask`` with another fragment."""
+    groups, _ = ndimage.label(cluster_mask, structure=_EIGHT_CONNECTED)
+    ids = fragments.ravel()
+    inside = ids > 0
+    group_of = np.zeros(int(fragments.max()) + 1, np.int64)
+    group_of[ids[inside]] = groups.ravel()[inside]
+    per_group = np.bincount(group_of[1:], minlength=int(groups.max()) + 1)
+    # a 4-neighbour in the cluster is in the same 4-connected fragment, so erosion finds each one's core
+    solid = ndimage.binary_erosion(fragments > 0, structure=_FOUR_CONNECTED, border_value=1)
+    has_core = np.zeros(len(group_of), bool)
+    has_core[fragments[solid]] = True
+    return {i for i in range(1, len(group_of)) if not has_core[i] and per_group[group_of[i]] > 1}
 
 
 def _make_instance(

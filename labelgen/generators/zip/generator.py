@@ -281,9 +281,11 @@ class ZipGenerator(Generator):
         """Stage 3 for every kept class: activated fragments -> instances -> image-pixel boxes."""
         rows: list[tuple] = []
         discovery = self.config.discovery
-        for class_id in semantic.kept:
+        image_maps = self._release_image_maps(semantic, height, width)
+        for index, class_id in enumerate(semantic.kept):
             activated = activation_mask(semantic.maps[class_id], height, width, boundary.grid_height,
-                                        boundary.grid_width, discovery.activation_ratio, self.config.fidelity)
+                                        boundary.grid_width, discovery.activation_ratio, self.config.fidelity,
+                                        None if image_maps is None else image_maps[index])
             for inst in discover_instances(boundary.labels, activated, discovery, boundary.num_clusters):
                 rows.append((inst, int(class_id), float(semantic.class_probs[class_id])))
         grid_boxes = grow_grid_boxes(np.array([r[0].box_xyxy_grid for r in rows], dtype=np.float64),
@@ -297,6 +299,15 @@ class ZipGenerator(Generator):
             cluster_ids=tuple(tuple(int(c) for c in r[0].cluster_ids) for r in rows),
             area_cells=tuple(int(r[0].area_cells) for r in rows),
         )
+
+    def _release_image_maps(self, semantic: Any, height: int, width: int) -> np.ndarray | None:
+        """``fidelity: release``: the kept classes' maps upsampled to the image by torch on the stage-1
+        device, as the release does (its mean and nearest sampling then follow in stage 3)."""
+        if self.config.fidelity != "release" or not len(semantic.kept):
+            return None
+        from .semantic import upsample_maps
+
+        return upsample_maps(semantic.maps[semantic.kept], height, width, getattr(self.semantic, "device", "cpu"))
 
     def _finish(self, height: int, width: int, proposals: Proposals, refined: Any) -> Instances:
         """Stage 4's CPU part: RLE-encode SAM's masks, scores, drop empty masks, mask NMS."""

@@ -315,6 +315,22 @@ def normalise_tokens(tokens: torch.Tensor, axis: str = "channels") -> torch.Tens
     return tokens / tokens.norm(dim=-1 if axis == "channels" else 1, keepdim=True)
 
 
+def upsample_maps(maps: np.ndarray, image_height: int, image_width: int,
+                  device: str | torch.device = "cpu") -> np.ndarray:
+    """(K, image_height, image_width) float32: (K, g, g) class maps upsampled with torch's
+    ``interpolate(mode="bilinear", align_corners=False)`` on ``device``, as the release's
+    ``get_similarity_map`` does (``fidelity: release``, stage 3's activation mask)."""
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.ndim != 3 or min(maps.shape) < 1 or min(image_height, image_width) < 1:
+        raise ValidationError(f"expected maps (K, g, g) and a positive image size, got {maps.shape},"
+                              f" {image_height}x{image_width}")
+    with torch.inference_mode():
+        tensor = torch.from_numpy(np.ascontiguousarray(maps)).to(device)[None]
+        upsampled = F.interpolate(tensor, (int(image_height), int(image_width)), mode="bilinear",
+                                  align_corners=False)
+    return upsampled[0].cpu().numpy()
+
+
 def class_probabilities(cls_feature: torch.Tensor, text: torch.Tensor, logit_scale: float) -> torch.Tensor:
     """softmax over classes of ``logit_scale`` x cosine(CLS, text): (B, C) float32.
 
