@@ -1,0 +1,323 @@
+"""SAM 3: the model (tiny spec of the real classes, checkpoints read with weights_only, the real
+architecture's size), the sam3 generator (prompts -> classes, scores, chunked and batched calls,
+NMS of nested duplicates on hand-built masks), and the tiny recipe through `labelgen run`
+(kill -9 and resume, COCO / YOLO / FiftyOne exports), and the offline error of the real recipe."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("sam3")
+
+import torch  # noqa: E402
+
+from conftest import REPO, needs_models  # noqa: E402
+from labelgen.cli import main  # noqa: E402
+from labelgen.config import load_recipe  # noqa: E402
+from labelgen.engine.decode import read_image_rgb  # noqa: E402
+from labelgen.errors import ConfigError, GeneratorError, WeightsNotFoundError  # noqa: E402
+from labelgen.exports.fiftyone import FIELD  # noqa: E402
+from labelgen.generators import GENERATORS  # noqa: E402
+from labelgen.generators.sam3_concepts import KeptQueries, Sam3Config, Sam3Generator  # noqa: E402
+from labelgen.models import weights  # noqa: E402
+from labelgen.models.sam3 import (SAM3_IMAGE, TINY_SAM3, build_sam3_image, count_parameters,  # noqa: E402
+                                  load_sam3, load_sam3_checkpoint)
+from labelgen.store.run_store import RunStore  # noqa: E402
+from labelgen.structures.instances import ImageRecord, Instances  # noqa: E402
+from labelgen.structures.masks import rle_areas, rles_to_masks  # noqa: E402
+from test_kill_resume import _rows  # noqa: E402
+from test_stale_lock import _wait_for  # noqa: E402
+
+pytestmark = [needs_models, pytest.mark.filterwarnings("ignore::FutureWarning"),
+              pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")]
+
+IMAGES = ["000000000009.jpg", "000000000025.jpg", "000000000030.jpg"]  # 640x480, 640x426, 428x640
+CLASSES = {"person": ["person", "man"], "dog": [], "car": ["car", "taxi"]}
+TINY = dict(classes=CLASSES, model="tiny", random_weights=True, min_confidence=0.0, mask_threshold=0.55)
+# SAM 3's published size: "With 848M parameters" (facebookresearch/sam3 architecture overview, and the
+# SAM 3 model card on huggingface.co/facebook/sam3): the image detector built here is 840.5 M of it.
+PUBLISHED_PARAMETERS = 848e6
+IMAGE_MODEL_PARAMETERS = 840_509_750  # the detector of sam3.pt; sam3's own builder gives the same tensors
+
+
+@pytest.fixture(scope="module")
+def coco_images(coco128_images):
+    return [read_image_rgb(str(coco128_images / name))[0] for name in IMAGES]
+
+
+@pytest.fixture(scope="module")
+def records(coco_images):
+    return [ImageRecord(name, name, width=im.shape[1], height=im.shape[0]) for name, im in zip(IMAGES, coco_images)]
+
+
+def _generator(**overrides):
+    return Sam3Generator.from_config(Sam3Config(**{**TINY, **overrides}))
+
+
+def _same(a: Instances, b: Instances, atol=1e-5):
+    """Equal up to float rounding of batched kernels (~1e-7 in the logits): the same instances,
+    classes and prompts, scores within ``atol``, masks that agree on all but a few pixels."""
+    assert len(a) == len(b)
+    assert a.class_ids.tolist() == b.class_ids.tolist()
+    assert a.attributes["sam3_prompt"] == b.attributes["sam3_prompt"]
+    for name in a.scores:
+        np.testing.assert_allclose(a.scores[name], b.scores[name], atol=atol)
+    masks_a, masks_b = (rles_to_masks(x.masks_rle, x.height, x.width) for x in (a, b))
+    assert (masks_a != masks_b).sum(axis=(1, 2)).max(initial=0) <= 0.001 * a.height * a.width
+
+
+# -- config and vocabulary ----------------------------------------------------------------------
+def test_registered_with_the_vocabulary_as_class_names():
+    recipe = load_recipe(REPO / "recipes" / "sam3-tiny-random.yaml")
+    assert GENERATORS.get("sam3") is Sam3Generator
+    assert recipe.class_names() == ("person", "dog", "car")
+    assert recipe.generator.params.prompts() == (("person", 0), ("man", 0), ("dog", 1), ("car", 2), ("taxi", 2))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"classes": {}}, "non-empty mapping"),
+    ({"classes": {"a": ["x"], "b": ["x"]}}, "under both 'a' and 'b'"),
+    ({"classes": {"a": "x"}}, "expected a list"),
+    ({"prompts_per_batch": 0}, "prompts_per_batch"),
+    ({"min_confidence": 1.5}, "min_confidence"),
+    ({"mask_threshold": 1.0}, "mask_threshold"),
+    ({"model": "huge"}, "model"),
+    ({"random_weights": False}, "'tiny' is a test model"),
+])
+def test_config_is_strict(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        Sam3Config(**{**TINY, **overrides})
+
+
+# -- the model ------------------------------------------------------------------------------------
+def test_tiny_model_is_the_real_classes_and_runs_on_cpu():
+    from sam3.model.sam3_image import Sam3Image
+    from sam3.model.vitdet import ViT
+
+    model = load_sam3("tiny", None)
+    assert isinstance(model, Sam3Image) and isinstance(model.backbone.vision_backbone.trunk, ViT)
+    assert count_parameters(model) < 3e6
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # sam3 leaves two text params uninitialised
+
+
+def test_checkpoint_round_trip_with_detector_prefix_and_refusals(tmp_path):
+    source = load_sam3("tiny", None, seed=1)
+    state = {f"detector.{k}": v for k, v in source.state_dict().items()}
+    state["tracker.unused"] = torch.zeros(1)  # the video tracker's part of sam3.pt is skipped
+    path = tmp_path / "sam3.pt"
+    torch.save({"model": state}, path)
+    target = load_sam3("tiny", path)
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+
+    partial = tmp_path / "partial.pt"
+    torch.save({k: v for i, (k, v) in enumerate(state.items()) if i}, partial)
+    with pytest.raises(GeneratorError, match="1 missing keys"):
+        load_sam3_checkpoint(build_sam3_image(TINY_SAM3), partial)
+    pickled = tmp_path / "object.pt"
+    torch.save({"model": state, "extra": ConfigError("not a tensor")}, pickled)
+    with pytest.raises(GeneratorError, match="weights_only"):
+        load_sam3_checkpoint(build_sam3_image(TINY_SAM3), pickled)
+
+
+def test_offline_errors_name_the_file_and_where_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABELGEN_CACHE", str(tmp_path))
+    with pytest.raises(WeightsNotFoundError, match="huggingface.co/facebook/sam3") as err:
+        Sam3Generator.preflight(Sam3Config(classes=CLASSES))
+    assert str(tmp_path / "sam3" / "sam3.pt") in str(err.value) and "generator.checkpoint=" in str(err.value)
+    with pytest.raises(WeightsNotFoundError, match="missing.pt"):
+        Sam3Generator.preflight(Sam3Config(classes=CLASSES, checkpoint=str(tmp_path / "missing.pt")))
+
+
+# -- the generator ----------------------------------------------------------------------------------
+def test_instances_carry_class_prompt_and_every_score(coco_images, records):
+    generator = _generator()
+    instances = generator.generate(coco_images[0], records[0])
+    assert len(instances) > 0 and (instances.height, instances.width) == coco_images[0].shape[:2]
+    prompts = dict(generator.config.prompts())
+    assert [prompts[p] for p in instances.attributes["sam3_prompt"]] == instances.class_ids.tolist()
+    product = instances.scores["sam3_object_score"] * instances.scores["sam3_presence_score"]
+    np.testing.assert_allclose(instances.scores["confidence"], product, rtol=1e-6)
+    assert np.all(np.diff(instances.scores["confidence"]) <= 0)  # output order
+    assert np.all(rle_areas(instances.masks_rle) > 0)
+    masks = rles_to_masks(instances.masks_rle, instances.height, instances.width)
+    for mask, (x1, y1, x2, y2) in zip(masks, instances.boxes_xyxy.astype(int)):  # tight boxes, x2/y2 exclusive
+        ys, xs = np.nonzero(mask)
+        assert (x1, y1, x2, y2) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    assert generator.provenance()["weights"] == "RANDOM"
+
+
+def test_several_prompts_of_a_class_share_its_id():
+    one_class = _generator(classes={"vehicle": ["car", "taxi", "bus"]}, nms_iou=1.0, nms_ios=1.0)
+    per_prompt = _generator(classes={"car": [], "taxi": [], "bus": []}, nms_iou=1.0, nms_ios=1.0)
+    image = np.asarray(np.random.default_rng(0).integers(0, 255, (96, 128, 3)), dtype=np.uint8)
+    merged, split = (g.generate(image, ImageRecord("x", "x")) for g in (one_class, per_prompt))
+    assert set(merged.class_ids.tolist()) == {0} and set(split.class_ids.tolist()) == {0, 1, 2}
+    assert sorted(merged.attributes["sam3_prompt"]) == sorted(split.attributes["sam3_prompt"])
+    np.testing.assert_allclose(np.sort(merged.scores["confidence"]), np.sort(split.scores["confidence"]), atol=1e-6)
+
+
+def test_chunked_prompts_equal_one_call(coco_images, records):
+    whole = _generator(prompts_per_batch=5).generate(coco_images[1], records[1])
+    for chunk in (1, 2):
+        _same(_generator(prompts_per_batch=chunk).generate(coco_images[1], records[1]), whole)
+
+
+def test_batched_images_equal_one_by_one(coco_images, records):
+    generator = _generator()
+    generator.batch_size = len(coco_images)
+    batched = [finish() for finish in generator.generate_batch(coco_images, records)]
+    for image, record, instances in zip(coco_images, records, batched):
+        _same(instances, generator.generate(image, record))
+        assert (instances.height, instances.width) == image.shape[:2]
+
+
+def test_one_bad_image_fails_alone(coco_images, records):
+    finishers = _generator().generate_batch([coco_images[0], np.zeros((4, 4), np.uint8)], records[:2])
+    assert len(finishers[0]()) > 0
+    with pytest.raises(Exception, match="uint8"):
+        finishers[1]()
+
+
+def _kept(logits_hw, prompt_ids, object_scores, presence=0.9):
+    n = len(prompt_ids)
+    return KeptQueries(np.asarray(prompt_ids, np.int64), np.asarray(object_scores, np.float32),
+                       np.full((n,), presence, np.float32), np.zeros((n, 4), np.float32),
+                       np.stack(logits_hw).astype(np.float16))
+
+
+def _square(y1, x1, y2, x2, size=32):
+    logits = np.full((size, size), -8.0)
+    logits[y1:y2, x1:x2] = 8.0
+    return logits
+
+
+def test_nms_removes_nested_duplicates_within_a_class_only():
+    generator = _generator(nms_iou=0.7, nms_ios=0.9)
+    # prompts: 0 person, 1 man (both class 0), 2 dog (class 1), 3 car, 4 taxi (class 2)
+    whole, part, other = _square(0, 0, 16, 16), _square(2, 2, 10, 10), _square(20, 20, 30, 30)
+    kept = _kept([whole, part, part, other, other], [0, 1, 2, 3, 4], [0.9, 0.8, 0.7, 0.6, 0.5])
+    instances = generator._finish(kept, 64, 64)
+    # the man inside the person (same class, IoS 1) and the taxi on the car (IoU 1) go; the dog stays
+    assert instances.attributes["sam3_prompt"] == ("person", "dog", "car")
+    assert instances.class_ids.tolist() == [0, 1, 2]
+    across = _generator(nms_iou=0.7, nms_ios=0.9, nms_across_classes=True)._finish(kept, 64, 64)
+    assert across.attributes["sam3_prompt"] == ("person", "car")
+    off = _generator(nms_iou=1.0, nms_ios=1.0)._finish(kept, 64, 64)
+    assert len(off) == 5
+
+
+def test_empty_masks_are_dropped_and_no_instance_gives_empty_columns():
+    generator = _generator()
+    empty = _generator()._finish(_kept([_square(0, 0, 0, 0)], [0], [0.9]), 40, 50)
+    assert len(empty) == 0 and set(empty.scores) == {"confidence", "sam3_object_score", "sam3_presence_score"}
+    assert generator._finish(_kept([_square(0, 0, 8, 8), _square(0, 0, 0, 0)], [0, 2], [0.9, 0.8]), 40, 50) \
+        .attributes["sam3_prompt"] == ("person",)
+
+
+# -- through the CLI -------------------------------------------------------------------------------
+def _listing(folder, coco128_images):
+    listing = folder / "images.txt"
+    listing.write_text("".join(f"{coco128_images / n}\n" for n in IMAGES))
+    return listing
+
+
+def _run_args(listing, out):
+    return ["run", "sam3-tiny-random", "--images", str(listing), "--out", str(out), "--set", "store.shard_size=1",
+            "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(coco128_images, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sam3")
+    listing = _listing(folder, coco128_images)
+    assert main(_run_args(listing, folder / "run")) == 0
+    return listing, folder / "run"
+
+
+def test_run_records_every_image_with_classes_and_scores(finished_run):
+    _, root = finished_run
+    rows = list(RunStore(root).iter_rows())
+    assert [r["status"] for r in rows] == ["ok"] * len(IMAGES)
+    for row in rows:
+        instances = Instances.from_dict(row["instances"])
+        assert (instances.height, instances.width) == (row["image"]["height"], row["image"]["width"])
+        assert {"sam3_object_score", "sam3_presence_score"} <= set(instances.scores)
+        assert set(instances.class_ids.tolist()) <= {0, 1, 2}
+    assert sum(len(r["instances"]["masks_rle"]) for r in rows) > 0
+    done = json.loads((root / "shards" / "000000.done.json").read_text())
+    assert done["provenance"]["weights"] == "RANDOM" and done["provenance"]["model"] == "tiny"
+
+
+def test_kill_9_then_resume_gives_identical_records(finished_run, tmp_path):
+    listing, reference = finished_run
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "labelgen.cli", *_run_args(listing, out)],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_for(lambda: any((out / "shards").glob("*.done.json")), timeout=180), "no shard committed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert len(list((out / "shards").glob("*.done.json"))) < len(IMAGES)
+    assert main(_run_args(listing, out)) == 0
+    assert _rows(out) == _rows(reference)
+
+
+def test_exports_to_coco_and_yolo_with_class_names(finished_run, tmp_path):
+    _, root = finished_run
+    instances = sum(len(r["instances"]["masks_rle"]) for r in RunStore(root).iter_rows())
+    assert main(["export", str(root), "--format", "coco", "--out", str(tmp_path / "coco")]) == 0
+    coco = json.loads((tmp_path / "coco" / "annotations.json").read_text())
+    assert [c["name"] for c in coco["categories"]] == ["person", "dog", "car"]
+    assert len(coco["images"]) == len(IMAGES) and len(coco["annotations"]) == instances
+    assert main(["export", str(root), "--format", "yolo", "--out", str(tmp_path / "yolo"), "--images", "none"]) == 0
+    lines = [line for path in (tmp_path / "yolo" / "labels" / "train").glob("*.txt")
+             for line in path.read_text().splitlines()]
+    assert len(lines) == instances and {line.split()[0] for line in lines} <= {"0", "1", "2"}
+
+
+def test_fiftyone_export_keeps_every_score(finished_run, fiftyone_db, dataset_name):
+    _, root = finished_run
+    assert main(["export", str(root), "--format", "fiftyone", "--dataset", dataset_name]) == 0
+    dataset = fiftyone_db.load_dataset(dataset_name)
+    rows = {r["image"]["image_id"]: Instances.from_dict(r["instances"]) for r in RunStore(root).iter_rows()}
+    assert len(dataset) == len(rows)
+    for sample in dataset:
+        instances = rows[sample["labelgen_image_id"]]
+        detections = sample[FIELD].detections
+        assert len(detections) == len(instances)
+        for i, detection in enumerate(detections):
+            assert np.float32(detection["sam3_presence_score"]) == instances.scores["sam3_presence_score"][i]
+            assert np.float32(detection.confidence) == instances.scores["confidence"][i]
+
+
+def test_real_recipe_stops_at_once_offline(tmp_path, monkeypatch, capsys, coco128_images):
+    monkeypatch.setenv("LABELGEN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["run", "sam3", "--images", str(coco128_images), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("labelgen: error:") and "sam3.pt" in err and "generator.checkpoint=" in err
+    assert "huggingface.co/facebook/sam3" in err and not out.exists()
+
+
+# -- the real architecture ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_real_architecture_has_the_published_size():
+    """The official image model (random weights, built once): SAM 3's published 848 M parameters
+    count the detector and the video tracker sharing one backbone; the detector is 840.5 M of them
+    (checked once against sam3's own builder: the same 1134 tensors with the same shapes)."""
+    torch.manual_seed(0)
+    model = build_sam3_image(SAM3_IMAGE)
+    count = count_parameters(model)
+    print(f"SAM 3 image model: {count:,} parameters (published: 848 M with the tracker)")
+    assert count == IMAGE_MODEL_PARAMETERS
+    assert abs(count - PUBLISHED_PARAMETERS) / PUBLISHED_PARAMETERS < 0.015
+    assert len(model.state_dict()) == 1134
+    del model
