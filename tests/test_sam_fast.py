@@ -1,5 +1,6 @@
 """labelgen's fast SAM image encoder (SDPA with the relative-position bias as an additive mask) against
 segment_anything's reference attention: same weights, same embeddings within float rounding."""
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -58,3 +59,47 @@ def test_vit_b_encoder_fast_equals_reference_on_the_real_architecture():
     assert changed == 12
     scale = reference.abs().max().item()
     assert (fast - reference).abs().max().item() < 1e-4 * max(scale, 1.0)
+
+
+def _coco_image(coco128_images, name="000000000009.jpg"):
+    from labelgen.engine.decode import read_image_rgb
+    from labelgen.structures.instances import ImageRecord
+
+    image, info = read_image_rgb(str(coco128_images / name))
+    return image, ImageRecord(name, name, info["width"], info["height"])
+
+
+@pytest.mark.parametrize("recipe, key", [("recipes/zip-tiny-random.yaml", "generator.sam.attention"),
+                                         ("recipes/sam-auto-tiny-random.yaml", "generator.attention")])
+def test_sdpa_attention_gives_the_reference_labels(recipe, key, coco128_images):
+    from labelgen.config import load_recipe
+    from labelgen.generators import GENERATORS
+
+    image, record = _coco_image(coco128_images)
+    outputs = []
+    for attention in ("reference", "sdpa"):
+        loaded = load_recipe(recipe, [f"{key}={attention}"])
+        gen = GENERATORS.get(loaded.generator.name).from_config(loaded.generator.params)
+        outputs.append(gen.generate(image, record))
+    reference, fast = outputs
+    assert len(reference) == len(fast) > 0
+    from pycocotools import mask as mask_utils
+
+    from labelgen.structures.masks import rle_to_pycocotools
+
+    ious = mask_utils.iou([rle_to_pycocotools(r) for r in fast.masks_rle],
+                          [rle_to_pycocotools(r) for r in reference.masks_rle], [0] * len(reference))
+    assert np.diag(np.asarray(ious).reshape(len(fast), len(reference))).min() > 0.99
+    np.testing.assert_allclose(fast.scores["confidence"], reference.scores["confidence"], atol=1e-3)
+
+
+def test_the_attention_path_is_part_of_the_sam_cache_key():
+    from labelgen.config import load_recipe
+    from labelgen.generators import GENERATORS
+
+    keys = []
+    for attention in ("reference", "sdpa"):
+        loaded = load_recipe("recipes/zip-tiny-random.yaml", [f"generator.sam.attention={attention}"])
+        gen = GENERATORS.get(loaded.generator.name).from_config(loaded.generator.params)
+        keys.append(gen.cache_keys(np.zeros((8, 8, 3), np.uint8))["sam_embedding"])
+    assert keys[0] != keys[1] and "attention" not in keys[0]  # reference keys are the ones of earlier caches

@@ -267,7 +267,8 @@ class ZipGenerator(Generator):
                      "short_side": cfg.boundary.short_side, "max_long_side": cfg.boundary.max_long_side,
                      "resize_rule": "truncate" if cfg.fidelity == "release" else "round"},
             SAM_EMBEDDING: {**common, "backend": cfg.sam.backend, "model": cfg.sam.model_type,
-                            "weights": self._weights_id("sam")},
+                            "weights": self._weights_id("sam"),
+                            **({"attention": cfg.sam.attention} if cfg.sam.attention != "reference" else {})},
         }
 
     def _weights_id(self, stage: str) -> dict[str, Any]:

@@ -108,6 +108,10 @@ class SamRefiner:
         self.device = device
         self.precision = precision
         self.predictor = SamPredictor(sam.eval().to(device))
+        if getattr(config, "attention", "reference") == "sdpa":
+            from ...models.sam_fast import use_fast_attention
+
+            use_fast_attention(self.predictor.model.image_encoder)
         # boxes per decoder call: all of an image's at once, halved for good on out-of-memory
         self.box_batcher = AdaptiveBatcher(MAX_BOXES_PER_CALL)
 
