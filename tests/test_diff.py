@@ -268,3 +268,4 @@ def test_model_names_from_provenance():
                   "labeler": {"model": "ViT-L-14"}, "timings": [1, 2]}
     assert model_names(provenance) == ["labeler: ViT-L-14", "sam: vit_h/sam_vit_h_4b8939.pth",
                                        "semantic: ViT-B-16/openai"]
+    assert model_names({"generator": "sam3", "model": "sam3", "weights": "/w/sam3.pt"}) == ["sam3: sam3"]

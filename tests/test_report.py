@@ -221,3 +221,18 @@ def test_report_renders_in_headless_chromium(request, tmp_path):
         assert image.size == (1400, 3000)
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 200, "the screenshot is (nearly) blank"
+
+
+def test_the_header_names_the_models_of_a_model_run(tmp_path, coco128_images):
+    pytest.importorskip("segment_anything")
+    from labelgen.cli import main
+
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for path in sorted(coco128_images.glob("*.jpg"))[:2]:
+        (folder / path.name).symlink_to(path)
+    assert main(["run", "recipes/sam-auto-tiny-random.yaml", "--images", str(folder), "--out", str(tmp_path / "r")]) == 0
+    stats = report_stats(tmp_path / "r", sample_images=0)
+    assert stats["run"]["models"] == ["sam: tiny"]
+    page = build_report(tmp_path / "r", tmp_path / "r.html", sample_images=0).read_text()
+    assert "<td>models</td><td>sam: tiny</td>" in page

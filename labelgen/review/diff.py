@@ -296,6 +296,8 @@ def model_names(provenance: dict[str, Any]) -> list[str]:
     """``["sam: vit_h", "semantic: ViT-B-16/openai", ...]``: the model facts of a shard's provenance, each a
     nested dict naming a model (keys ``model``/``model_type``/``model_name``, ``pretrained``/``checkpoint``)."""
     names = []
+    if isinstance(provenance.get("model"), str):  # a one-model generator names it at the top level
+        names.append(f"{provenance.get('generator', 'model')}: {provenance['model']}")
     for key, value in sorted(provenance.items()):
         if not isinstance(value, dict):
             continue

@@ -194,12 +194,24 @@ def _collect(store: RunStore, sample_images: int, seed: int) -> tuple[dict[str, 
     for row in store.iter_rows():
         acc.add(row)
     stats = {
-        "run": {key: manifest.get(key) for key in ("run_id", "generator", "class_names", "created")},
+        "run": {**{key: manifest.get(key) for key in ("run_id", "generator", "class_names", "created")},
+                "models": _models(store)},
         "status": status,
         **acc.to_dict(),
         "throughput": _shard_throughput(store, manifest["fingerprint"]),
     }
     return stats, [row for _, row in acc.sample_rows()]
+
+
+def _models(store: RunStore) -> list[str]:
+    """The models of the run's generator (and labeler), from its first committed shard's provenance."""
+    from .diff import model_names
+
+    for shard in store.iter_plan():
+        done = store.done_record(shard)
+        if done is not None:
+            return model_names(done.get("provenance") or {})
+    return []
 
 
 def _shard_throughput(store: RunStore, fingerprint: str) -> list[dict[str, Any]]:
@@ -377,7 +389,7 @@ def _header(stats: dict[str, Any]) -> str:
     per_image = f" ({status['instances'] / images['ok']:.2f} per labelled image)" if images["ok"] else ""
     facts = [
         ("run directory", status["run_dir"]), ("run id", run["run_id"]), ("generator", run["generator"]),
-        ("created", run["created"]),
+        ("models", ", ".join(run.get("models") or []) or "none recorded"), ("created", run["created"]),
         ("classes", AGNOSTIC if names is None else f"{len(names)}: " + ", ".join(names)),
         ("shards", f"{shards['done']} done, {shards['pending']} pending, {shards['failed']} failed,"
                    f" of {shards['total']}"),
