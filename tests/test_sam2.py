@@ -2,6 +2,7 @@
 Zip's stage 4 on SAM 2.1 (Sam2Refiner: equal to the sam2 package's own predictor, batched equals
 unbatched, cache round trip, out-of-memory back-off), the sam2-auto generator, and both tiny recipes
 through `labelgen run` (kill -9 and resume, COCO / YOLO / FiftyOne exports, offline errors)."""
+import dataclasses
 import json
 import logging
 import os
@@ -201,6 +202,28 @@ def test_bf16_autocast_gives_float32_outputs(tiny_sam2, coco_images):
     result = Sam2Refiner(tiny_sam2, SamConfig(backend="sam2", model_type="tiny"), precision="bf16").refine(
         coco_images[0], BOXES)
     assert result.predicted_iou.dtype == np.float32 and result.masks.dtype == bool and len(result) == 3
+
+
+def test_zip_on_sam2_reads_every_map_from_the_feature_cache(tmp_path, coco_images):
+    from labelgen.generators.zip.generator import SAM_EMBEDDING, ZipGenerator
+    from labelgen.models.feature_cache import FeatureCache
+
+    config = load_recipe(REPO / "recipes" / "zip-sam2-tiny-random.yaml").generator.params
+    image = coco_images[2]
+    record = ImageRecord(image_id=IMAGES[2], uri=IMAGES[2], width=image.shape[1], height=image.shape[0])
+    generator = ZipGenerator.from_config(config)
+    assert isinstance(generator.refiner, Sam2Refiner) and generator.provenance()["sam"]["backend"] == "sam2"
+    uncached = generator.generate(image, record).to_dict()
+    generator.feature_cache = cache = FeatureCache(tmp_path / "cache", 10**8)
+    first = generator.generate(image, record).to_dict()
+    second = generator.generate(image, record).to_dict()
+    assert (cache.stats().misses, cache.stats().hits) == (3, 3)
+    assert len(uncached["masks_rle"]) > 0 and first == second == uncached
+    facts = {"device": "cpu", **{stage: {"weights": "RANDOM"} for stage in ("semantic", "boundary", "sam")}}
+    sam1 = dataclasses.replace(config, sam=SamConfig(backend="sam1", model_type="tiny"))
+    sam2_key = ZipGenerator(config, None, None, None, facts).cache_keys(image)[SAM_EMBEDDING]
+    sam1_key = ZipGenerator(sam1, None, None, None, facts).cache_keys(image)[SAM_EMBEDDING]
+    assert sam1_key != sam2_key and {sam1_key["backend"], sam2_key["backend"]} == {"sam1", "sam2"}
 
 
 # -- sam2-auto -----------------------------------------------------------------------------
