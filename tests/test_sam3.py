@@ -87,7 +87,7 @@ def test_registered_with_the_vocabulary_as_class_names():
     ({"min_confidence": 1.5}, "min_confidence"),
     ({"mask_threshold": 1.0}, "mask_threshold"),
     ({"model": "huge"}, "model"),
-    ({"random_weights": False}, "'tiny' is a test model"),
+    ({"random_weights": False}, "'tiny' is a test model with no official checkpoint"),
 ])
 def test_config_is_strict(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -151,6 +151,37 @@ def test_instances_carry_class_prompt_and_every_score(coco_images, records):
     assert generator.provenance()["weights"] == "RANDOM"
 
 
+def test_one_prompt_equals_sam3s_own_processor(coco128_images):
+    """sam3's Sam3Processor (its image entry point) on the same model: the same queries, scores,
+    boxes and mask pixels (its preprocessing, score rule and mask upsampling are the reference)."""
+    from PIL import Image
+    from sam3.model.sam3_image_processor import Sam3Processor
+
+    generator = _generator(classes={"dog": []}, min_confidence=0.2, mask_threshold=0.5, nms_iou=1.0, nms_ios=1.0)
+    pil = Image.open(coco128_images / IMAGES[1]).convert("RGB")
+    processor = Sam3Processor(generator.model, resolution=TINY_SAM3.image_size, device="cpu",
+                              confidence_threshold=0.2)
+    state = processor.set_text_prompt("dog", processor.set_image(pil))
+    ours = generator.generate(np.asarray(pil), ImageRecord("x", "x"))
+    order = torch.argsort(state["scores"], descending=True, stable=True)
+    assert len(ours) == len(order) > 0
+    np.testing.assert_allclose(ours.scores["confidence"], state["scores"][order].numpy(), atol=1e-7)
+    np.testing.assert_allclose(np.array(ours.attributes["sam3_box_xyxy"]), state["boxes"][order].numpy(), atol=1e-4)
+    masks = rles_to_masks(ours.masks_rle, ours.height, ours.width)
+    assert np.array_equal(masks, state["masks"][order][:, 0].numpy())
+
+
+def test_checkpoint_through_the_generator_gives_the_same_model(tmp_path, coco_images, records):
+    from labelgen.atomic import sha256_file
+
+    path = tmp_path / "tiny-sam3.pt"
+    torch.save({"model": {f"detector.{k}": v for k, v in load_sam3("tiny", None).state_dict().items()}}, path)
+    loaded = _generator(random_weights=False, checkpoint=str(path))
+    assert loaded.provenance()["sha256"] == sha256_file(path) and loaded.provenance()["weights"] == str(path)
+    a, b = (g.generate(coco_images[0], records[0]) for g in (loaded, _generator()))
+    assert a.masks_rle == b.masks_rle and np.array_equal(a.scores["confidence"], b.scores["confidence"])
+
+
 def test_several_prompts_of_a_class_share_its_id():
     one_class = _generator(classes={"vehicle": ["car", "taxi", "bus"]}, nms_iou=1.0, nms_ios=1.0)
     per_prompt = _generator(classes={"car": [], "taxi": [], "bus": []}, nms_iou=1.0, nms_ios=1.0)
@@ -187,7 +218,7 @@ def _kept(logits_hw, prompt_ids, object_scores, presence=0.9):
     n = len(prompt_ids)
     return KeptQueries(np.asarray(prompt_ids, np.int64), np.asarray(object_scores, np.float32),
                        np.full((n,), presence, np.float32), np.zeros((n, 4), np.float32),
-                       np.stack(logits_hw).astype(np.float16))
+                       np.stack(logits_hw).astype(np.float32))
 
 
 def _square(y1, x1, y2, x2, size=32):

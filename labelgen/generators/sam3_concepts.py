@@ -11,7 +11,7 @@ Per batch of images (the model thread):
 2. per image, the prompts in chunks of ``prompts_per_batch`` (one detector call each, the image
    features reused; halved on out-of-memory), in vocabulary order;
 3. per prompt, keep the object queries whose ``confidence`` (below) is at least ``min_confidence``:
-   their scores, predicted box and low-resolution mask logits go to the CPU (float16 masks), so an
+   their scores, predicted box and low-resolution mask logits go to the CPU, so an
    image holds only what it keeps, never the dense masks of every query.
 
 ``finish()`` (CPU only, another thread): upsample each kept mask's logits bilinearly to the
@@ -74,7 +74,8 @@ class Sam3Config:
 
     classes: Mapping[str, tuple[str, ...] | None]  # class name -> its concept prompts, in class-id order;
     # [] or none = the class name itself. A prompt may belong to one class only.
-    model: str = one_of("sam3", ("sam3", "tiny"))  # sam3: the official image model; tiny: tests (random only)
+    model: str = one_of("sam3", ("sam3", "tiny"))  # sam3: the official image model; tiny: tests (random
+    # weights or a test checkpoint)
     checkpoint: str = ""  # local sam3.pt; empty = $LABELGEN_CACHE/sam3/sam3.pt (gated: never downloaded)
     prompts_per_batch: int = bounded(8, 1, 4096)  # prompts per detector call; image features are reused
     min_confidence: float = bounded(0.1, 0.0, 1.0)  # keep queries with confidence >= this (filter later)
@@ -94,9 +95,9 @@ class Sam3Config:
             raise ConfigError(f"generator.{exc}") from None
         if self.precision not in PRECISION_CHOICES:
             raise ConfigError(f"generator.precision: expected one of {list(PRECISION_CHOICES)}; got {self.precision!r}")
-        if self.model == "tiny" and not self.random_weights:
-            raise ConfigError("generator.model: 'tiny' is a test model with no checkpoint; set"
-                              " generator.random_weights=true or use model: sam3")
+        if self.model == "tiny" and not (self.random_weights or self.checkpoint):
+            raise ConfigError("generator.model: 'tiny' is a test model with no official checkpoint; set"
+                              " generator.random_weights=true, a test generator.checkpoint, or use model: sam3")
 
     # ``classes`` is a read-only mapping proxy, which does not pickle: workers get the config
     # pickled, so the state carries a plain dict and is frozen again.
@@ -146,7 +147,7 @@ class KeptQueries:
 
     ``prompt_indices`` ``(N,)`` int64 (into ``Sam3Config.prompts()``), ``object_scores`` and
     ``presence_scores`` ``(N,)`` float32, ``boxes_xyxy`` ``(N, 4)`` float32 image pixels,
-    ``mask_logits`` ``(N, h, w)`` float16 over the whole (squashed) image.
+    ``mask_logits`` ``(N, h, w)`` float32 over the whole (squashed) image.
     """
 
     prompt_indices: np.ndarray
@@ -284,7 +285,7 @@ class Sam3Generator(Generator):
         scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=cx.device)
         boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1) * scale
         ids = torch.as_tensor(prompt_ids, device=cx.device)[:, None].expand_as(object_scores)
-        columns = (ids[keep], object_scores[keep], presence[keep], boxes[keep], out["mask_logits"][keep].half())
+        columns = (ids[keep], object_scores[keep], presence[keep], boxes[keep], out["mask_logits"][keep])
         arrays = tuple(c.cpu().numpy() for c in columns)
         return [tuple(a[arrays[0] == p] for a in arrays) for p in prompt_ids]
 

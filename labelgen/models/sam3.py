@@ -17,6 +17,7 @@ torch and sam3 are imported inside the functions, so importing this module costs
 """
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 import warnings
@@ -161,34 +162,27 @@ def _pin_memory_only_for_cuda(geometry_encoder: Any) -> None:
     def encode_boxes_without_pinning(boxes: Any, *args: Any, **kwargs: Any) -> Any:
         if boxes.device.type == "cuda":
             return encode_boxes(boxes, *args, **kwargs)
-        with _NoPinMemory():
+        with _no_pin_memory_mode()():
             return encode_boxes(boxes, *args, **kwargs)
 
     geometry_encoder._encode_boxes = encode_boxes_without_pinning
 
 
+@functools.lru_cache(maxsize=None)
 def _no_pin_memory_mode() -> type:
+    """A ``TorchFunctionMode`` in which ``Tensor.pin_memory()`` returns the tensor itself."""
+    import torch
     from torch.overrides import TorchFunctionMode
 
-    class NoPinMemory(TorchFunctionMode):
-        """``Tensor.pin_memory()`` returns the tensor itself; every other call is unchanged."""
+    pin_memory = torch.Tensor.pin_memory
 
+    class NoPinMemory(TorchFunctionMode):
         def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-            if func is _tensor_pin_memory():
+            if func is pin_memory:
                 return args[0]
             return func(*args, **(kwargs or {}))
 
     return NoPinMemory
-
-
-def _tensor_pin_memory() -> Any:
-    import torch
-
-    return torch.Tensor.pin_memory
-
-
-def _NoPinMemory() -> Any:  # noqa: N802  (a context manager factory, named like the class it makes)
-    return _no_pin_memory_mode()()
 
 
 def _attention(spec: Sam3Spec, *, dropout: float = 0.1, batch_first: bool | None = None) -> Any:
@@ -292,7 +286,6 @@ def _segmentation_head(spec: Sam3Spec) -> Any:
 def _geometry_encoder(spec: Sam3Spec) -> Any:
     from sam3.model.encoder import TransformerEncoderLayer
     from sam3.model.geometry_encoders import SequenceGeometryEncoder
-    from sam3.model.memory import CXBlock  # noqa: F401  (the official builder makes one and never uses it)
     from sam3.model.position_encoding import PositionEmbeddingSine
 
     layer = TransformerEncoderLayer(
