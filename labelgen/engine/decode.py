@@ -46,7 +46,8 @@ from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageDecodeError, ValidationError
 
-__all__ = ["DEFAULT_MAX_FILE_BYTES", "check_image_file", "read_file_bytes", "read_image_rgb"]
+__all__ = ["DEFAULT_MAX_FILE_BYTES", "TiffRegions", "check_image_file", "open_tiff_regions", "read_file_bytes",
+           "read_image_rgb"]
 
 #: Largest image file read by default (bytes); larger files fail as ``too_large_file``.
 DEFAULT_MAX_FILE_BYTES = 1 << 30
@@ -382,3 +383,144 @@ def _lab_to_rgb(image: Image.Image) -> Image.Image:
         ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
     )
     return ImageCms.applyTransform(image, transform)
+
+
+# -- tiled / striped TIFF read region by region (tiling) --------------------------------------------
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF, both byte orders
+_NO_FILE_CAP = 1 << 62  # a region reader holds one segment at a time, not the file
+
+
+def open_tiff_regions(path: str | os.PathLike[str], *, max_pixels: int = 200_000_000,
+                      compute_sha256: bool = True) -> "tuple[TiffRegions, dict[str, Any]] | None":
+    """A ``TiffRegions`` reader and the ``info`` of ``read_image_rgb``, or ``None`` when ``path`` is not
+    a TIFF this reader handles (then decode it whole with ``read_image_rgb``).
+
+    Handled: the first page of a classic or Big TIFF, tiled or in strips, chunky (or one sample),
+    8- or 16-bit unsigned gray, gray + alpha, RGB or RGBA, orientation 1, any compression tifffile
+    decodes. Raises ``ImageDecodeError`` (``too_large`` over ``max_pixels``, the file reasons of
+    ``check_image_file``, ``truncated`` for a corrupt header).
+    """
+    name = os.fspath(path)
+    _check_positive("max_pixels", max_pixels, "200_000_000")
+    check_image_file(name, _NO_FILE_CAP)
+    try:
+        import tifffile
+    except ImportError:  # the core dependency is missing: fall back to Pillow
+        return None
+    with open(name, "rb") as handle:
+        if handle.read(4) not in _TIFF_MAGICS:
+            return None
+    reader = TiffRegions(name, tifffile)
+    try:
+        if not reader.supported:
+            reader.close()
+            return None
+        _check_size((reader.width, reader.height), name, max_pixels)
+        reader.read_window_xyxy(0, 0, 1, 1)  # the codec works (else: whole decode by Pillow)
+    except ImageDecodeError:
+        reader.close()
+        raise
+    except Exception:
+        reader.close()
+        return None
+    digest = _file_sha256(name) if compute_sha256 else None
+    info = {"width": reader.width, "height": reader.height, "sha256": digest, "source_mode": reader.mode,
+            "exif_transposed": False, "regions": True}
+    return reader, info
+
+
+def _file_sha256(name: str) -> str:
+    digest = hashlib.sha256()
+    with open(name, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_READ_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class TiffRegions:
+    """Pixels of one TIFF page read window by window: only the tiles (or strips) a window meets are
+    read and decoded. ``shape`` is ``(H, W, 3)``; ``read_window`` returns ``(h, w, 3)`` uint8 RGB.
+    Not thread-safe: one reader per image, read from one thread at a time."""
+
+    def __init__(self, name: str, tifffile: Any):
+        self.name = name
+        try:
+            self._file = tifffile.TiffFile(name)
+            self._page = self._file.pages.first
+        except Exception as exc:
+            raise ImageDecodeError(
+                "truncated", f"{name!r} looks like a TIFF but its header is cut short or corrupt "
+                f"({type(exc).__name__}: {exc}); expected a complete image file. Copy the file again or remove it."
+            ) from None
+        page = self._page
+        self.height, self.width = int(page.imagelength), int(page.imagewidth)
+        self.samples = int(page.samplesperpixel)
+        if page.is_tiled:
+            self.seg_h, self.seg_w = int(page.tilelength), int(page.tilewidth)
+        else:
+            self.seg_h, self.seg_w = int(page.rowsperstrip or self.height), self.width
+        self.seg_h = min(self.seg_h, self.height) if not page.is_tiled else self.seg_h
+        self.across = -(-self.width // self.seg_w)
+        self.mode = f"tiff-{page.photometric.name.lower()}-{page.dtype}-x{self.samples}"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, 3)
+
+    @property
+    def supported(self) -> bool:
+        page = self._page
+        orientation = page.tags.get(274)
+        return (int(getattr(page, "imagedepth", 1)) == 1 and str(page.dtype) in ("uint8", "uint16")
+                and int(page.photometric) in (1, 2) and self.samples in (1, 2, 3, 4)
+                and (self.samples == 1 or int(page.planarconfig) == 1)
+                and (orientation is None or int(orientation.value) == 1)
+                and len(page.dataoffsets) == -(-self.height // self.seg_h) * self.across)
+
+    def read_window(self, window: Any) -> np.ndarray:
+        """``window`` has ``x0, y0, x1, y1`` (full-image pixels, exclusive ends)."""
+        return self.read_window_xyxy(window.x0, window.y0, window.x1, window.y1)
+
+    def read_window_xyxy(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        if not (0 <= x0 < x1 <= self.width and 0 <= y0 < y1 <= self.height):
+            raise ValidationError(f"window {(x0, y0, x1, y1)} is outside the {self.width}x{self.height} image")
+        out = np.zeros((y1 - y0, x1 - x0, self.samples), self._page.dtype)
+        for row in range(y0 // self.seg_h, (y1 - 1) // self.seg_h + 1):
+            for col in range(x0 // self.seg_w, (x1 - 1) // self.seg_w + 1):
+                self._paste(out, row, col, x0, y0, x1, y1)
+        return _samples_to_rgb(out)
+
+    def _paste(self, out: np.ndarray, row: int, col: int, x0: int, y0: int, x1: int, y1: int) -> None:
+        segment = self._segment(row * self.across + col)  # (h, w, samples)
+        sy, sx = row * self.seg_h, col * self.seg_w
+        ty0, ty1 = max(y0, sy), min(y1, sy + segment.shape[0], self.height)
+        tx0, tx1 = max(x0, sx), min(x1, sx + segment.shape[1], self.width)
+        out[ty0 - y0:ty1 - y0, tx0 - x0:tx1 - x0] = segment[ty0 - sy:ty1 - sy, tx0 - sx:tx1 - sx]
+
+    def _segment(self, index: int) -> np.ndarray:
+        page, handle = self._page, self._file.filehandle
+        try:
+            handle.seek(page.dataoffsets[index])
+            data = handle.read(page.databytecounts[index])
+            args = {"jpegtables": page.jpegtables, "jpegheader": page.jpegheader} if page.compression in (6, 7) else {}
+            segment, _, shape = page.decode(data, index, _fullsize=page.is_tiled, **args)
+        except Exception as exc:
+            raise ImageDecodeError(
+                "truncated", f"segment {index} of {self.name!r} is truncated or corrupt "
+                f"({type(exc).__name__}: {exc}); expected a complete TIFF. Copy the file again or remove it."
+            ) from None
+        if segment is None:  # an empty segment: no data written
+            return np.zeros((self.seg_h, self.seg_w, self.samples), page.dtype)
+        return np.asarray(segment).reshape(shape[1], shape[2], shape[3])
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _samples_to_rgb(pixels: np.ndarray) -> np.ndarray:
+    """``(h, w, samples)`` uint8/uint16 gray, gray + alpha, RGB or RGBA -> ``(h, w, 3)`` uint8."""
+    if pixels.dtype == np.uint16:
+        pixels = (pixels >> 8).astype(np.uint8)
+    if pixels.shape[2] in (1, 2):
+        return _gray_to_rgb(pixels[:, :, 0])
+    return np.ascontiguousarray(pixels[:, :, :3])

@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..config import ImagesConfig
-from .decode import DEFAULT_MAX_FILE_BYTES, read_image_rgb
+from .decode import DEFAULT_MAX_FILE_BYTES, open_tiff_regions, read_image_rgb
+from .tiling import tiled_work, wants_tiles
 from ..errors import ImageDecodeError, LabelgenError, ValidationError
 from ..generators import Generator
 from ..generators.base import failed
@@ -69,16 +70,37 @@ def label_images(
     finish = _Finisher(labeler, scoring, done)
     with _pool(overlap, "labelgen-decode") as decode_pool, _pool(overlap, "labelgen-finish") as finish_pool:
         pending: collections.deque[Future] = collections.deque()
-        for batch in _batches(_decoded(records, images, decode_pool, ahead=batch_size), batch_size, done):
+        regions = labeler is None  # a labeler crops the whole decoded image: no region reading then
+        for batch in _batches(_decoded(records, images, decode_pool, ahead=batch_size, regions=regions),
+                              batch_size, done):
             indices, batch_records, batch_images = zip(*batch)
-            for index, record, image, finisher in zip(indices, batch_records, batch_images,
-                                                      _model_work(generator, batch_images, batch_records)):
+            work = _tiled_or_whole(generator, batch_images, batch_records, images, batch_size)
+            for index, record, image, finisher in zip(indices, batch_records, batch_images, work):
                 pending.append(finish_pool.submit(finish, index, record, image, finisher))
             while len(pending) > 2 * batch_size:  # bound what waits to be finished
                 pending.popleft().result()
         for future in pending:
             future.result()
     return rows  # type: ignore[return-value]
+
+
+def _tiled_or_whole(generator: Generator, images_rgb: Sequence[Any], records: Sequence[ImageRecord],
+                    images: ImagesConfig, batch_size: int) -> list[Callable[[], Instances]]:
+    """``_model_work`` on the batch's whole images (one call), ``tiling.tiled_work`` on each image that
+    ``images.tiling`` tiles (its tiles batched ``batch_size`` at a time); finishers in batch order."""
+    tiling = getattr(images, "tiling", None)
+    tiled = [wants_tiles(image, tiling) for image in images_rgb]
+    if not any(tiled):
+        return _model_work(generator, images_rgb, records)
+    work: list[Callable[[], Instances] | None] = [None] * len(records)
+    whole = [i for i, t in enumerate(tiled) if not t]
+    if whole:
+        for i, finisher in zip(whole, _model_work(generator, [images_rgb[i] for i in whole],
+                                                  [records[i] for i in whole])):
+            work[i] = finisher
+    for i in (i for i, t in enumerate(tiled) if t):
+        work[i] = tiled_work(generator, images_rgb[i], records[i], tiling, batch_size)
+    return work  # type: ignore[return-value]
 
 
 def _model_work(generator: Generator, images_rgb: Sequence[np.ndarray],
@@ -122,12 +144,24 @@ class _Finisher:
         return Row(record, instances)
 
 
-def _decode(record: ImageRecord, images: ImagesConfig) -> tuple[ImageRecord, np.ndarray | None, Row | None]:
+def _decode(record: ImageRecord, images: ImagesConfig, regions: bool = False
+            ) -> tuple[ImageRecord, Any, Row | None]:
     """(record with its size, image, None) or (record, None, failed row). ``images.max_file_bytes``
-    caps the bytes read (``decode.DEFAULT_MAX_FILE_BYTES`` where the config has no such key)."""
+    caps the bytes read (``decode.DEFAULT_MAX_FILE_BYTES`` where the config has no such key).
+
+    With tiling on, ``images.tiling.max_pixels`` is the pixel limit, and (``regions``) a tiled or
+    striped TIFF becomes a ``decode.TiffRegions`` reader that is never decoded whole."""
+    tiling = getattr(images, "tiling", None)
+    tiling_on = tiling is not None and tiling.mode != "never"
+    max_pixels = max(images.max_pixels, tiling.max_pixels) if tiling_on else images.max_pixels
     try:
-        image, info = read_image_rgb(record.uri, max_pixels=images.max_pixels, compute_sha256=images.compute_sha256,
-                                     max_file_bytes=getattr(images, "max_file_bytes", DEFAULT_MAX_FILE_BYTES))
+        reader = open_tiff_regions(record.uri, max_pixels=max_pixels, compute_sha256=images.compute_sha256) \
+            if tiling_on and regions else None
+        if reader is not None:
+            image, info = reader
+        else:
+            image, info = read_image_rgb(record.uri, max_pixels=max_pixels, compute_sha256=images.compute_sha256,
+                                         max_file_bytes=getattr(images, "max_file_bytes", DEFAULT_MAX_FILE_BYTES))
     except ImageDecodeError as exc:
         return record, None, Row.failed(record, exc.reason, str(exc))
     except Exception as exc:  # a decoder bug (or MemoryError) on one image must not cost the shard
@@ -138,7 +172,7 @@ def _decode(record: ImageRecord, images: ImagesConfig) -> tuple[ImageRecord, np.
     return record.with_size(info["width"], info["height"], info.get("sha256")), image, None
 
 
-def _decoded(records: Sequence[ImageRecord], images: ImagesConfig, pool: Any, ahead: int
+def _decoded(records: Sequence[ImageRecord], images: ImagesConfig, pool: Any, ahead: int, regions: bool = False
              ) -> Iterator[tuple[int, ImageRecord, np.ndarray | None, Row | None]]:
     """``_decode`` of each record in order, up to ``ahead`` images decoded in advance on ``pool``."""
     queue: collections.deque[tuple[int, Future]] = collections.deque()
@@ -148,7 +182,7 @@ def _decoded(records: Sequence[ImageRecord], images: ImagesConfig, pool: Any, ah
             nxt = next(upcoming, None)
             if nxt is None:
                 break
-            queue.append((nxt[0], pool.submit(_decode, nxt[1], images)))
+            queue.append((nxt[0], pool.submit(_decode, nxt[1], images, regions)))
         if not queue:
             return
         index, future = queue.popleft()
