@@ -214,6 +214,43 @@ def test_one_bad_image_fails_alone(coco_images, records):
         finishers[1]()
 
 
+def test_out_of_memory_halves_the_prompt_chunk_and_the_image_batch(coco_images, records, monkeypatch):
+    from labelgen.models import sam3 as sam3_models
+
+    generator = _generator(prompts_per_batch=4)
+    expected = [generator.generate(im, r) for im, r in zip(coco_images[:2], records[:2])]
+    ground, forward_image = sam3_models.ground_prompts, generator.model.backbone.forward_image
+    calls = {"prompts": [], "images": []}
+
+    def ground_small(model, features, index, text, prompt_ids):
+        calls["prompts"].append(len(prompt_ids))
+        if len(prompt_ids) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return ground(model, features, index, text, prompt_ids)
+
+    def forward_one(pixels):
+        calls["images"].append(len(pixels))
+        if len(pixels) > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return forward_image(pixels)
+
+    monkeypatch.setattr(sam3_models, "ground_prompts", ground_small)
+    monkeypatch.setattr(generator.model.backbone, "forward_image", forward_one)
+    generator.batch_size = 2
+    got = [finish() for finish in generator.generate_batch(coco_images[:2], records[:2])]
+    for a, b in zip(got, expected):
+        _same(a, b)
+    assert calls["images"][:2] == [2, 1] and generator._image_batcher.size == 1
+    assert calls["prompts"][:2] == [4, 2] and generator._prompt_batcher.size == 2
+
+
+def test_bf16_runs_and_is_recorded(coco_images, records):
+    generator = _generator(precision="bf16")
+    instances = generator.generate(coco_images[0], records[0])
+    assert generator.provenance()["precision"] == "bf16" and len(instances) > 0
+    assert all(np.isfinite(v).all() and v.dtype == np.float32 for v in instances.scores.values())
+
+
 def _kept(logits_hw, prompt_ids, object_scores, presence=0.9):
     n = len(prompt_ids)
     return KeptQueries(np.asarray(prompt_ids, np.int64), np.asarray(object_scores, np.float32),
