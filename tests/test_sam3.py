@@ -55,6 +55,12 @@ def records(coco_images):
     return [ImageRecord(name, name, width=im.shape[1], height=im.shape[0]) for name, im in zip(IMAGES, coco_images)]
 
 
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny recipe's generator (TINY settings), built once for the tests that do not change it."""
+    return _generator()
+
+
 def _generator(**overrides):
     return Sam3Generator.from_config(Sam3Config(**{**TINY, **overrides}))
 
@@ -134,8 +140,8 @@ def test_offline_errors_name_the_file_and_where_to_get_it(tmp_path, monkeypatch)
 
 
 # -- the generator ----------------------------------------------------------------------------------
-def test_instances_carry_class_prompt_and_every_score(coco_images, records):
-    generator = _generator()
+def test_instances_carry_class_prompt_and_every_score(tiny, coco_images, records):
+    generator = tiny
     instances = generator.generate(coco_images[0], records[0])
     assert len(instances) > 0 and (instances.height, instances.width) == coco_images[0].shape[:2]
     prompts = dict(generator.config.prompts())
@@ -171,14 +177,14 @@ def test_one_prompt_equals_sam3s_own_processor(coco128_images):
     assert np.array_equal(masks, state["masks"][order][:, 0].numpy())
 
 
-def test_checkpoint_through_the_generator_gives_the_same_model(tmp_path, coco_images, records):
+def test_checkpoint_through_the_generator_gives_the_same_model(tmp_path, coco_images, records, request):
     from labelgen.atomic import sha256_file
 
     path = tmp_path / "tiny-sam3.pt"
     torch.save({"model": {f"detector.{k}": v for k, v in load_sam3("tiny", None).state_dict().items()}}, path)
     loaded = _generator(random_weights=False, checkpoint=str(path))
     assert loaded.provenance()["sha256"] == sha256_file(path) and loaded.provenance()["weights"] == str(path)
-    a, b = (g.generate(coco_images[0], records[0]) for g in (loaded, _generator()))
+    a, b = (g.generate(coco_images[0], records[0]) for g in (loaded, request.getfixturevalue("tiny")))
     assert a.masks_rle == b.masks_rle and np.array_equal(a.scores["confidence"], b.scores["confidence"])
 
 
@@ -198,8 +204,8 @@ def test_chunked_prompts_equal_one_call(coco_images, records):
         _same(_generator(prompts_per_batch=chunk).generate(coco_images[1], records[1]), whole)
 
 
-def test_batched_images_equal_one_by_one(coco_images, records):
-    generator = _generator()
+def test_batched_images_equal_one_by_one(tiny, coco_images, records):
+    generator = tiny
     generator.batch_size = len(coco_images)
     batched = [finish() for finish in generator.generate_batch(coco_images, records)]
     for image, record, instances in zip(coco_images, records, batched):
@@ -207,8 +213,8 @@ def test_batched_images_equal_one_by_one(coco_images, records):
         assert (instances.height, instances.width) == image.shape[:2]
 
 
-def test_one_bad_image_fails_alone(coco_images, records):
-    finishers = _generator().generate_batch([coco_images[0], np.zeros((4, 4), np.uint8)], records[:2])
+def test_one_bad_image_fails_alone(tiny, coco_images, records):
+    finishers = tiny.generate_batch([coco_images[0], np.zeros((4, 4), np.uint8)], records[:2])
     assert len(finishers[0]()) > 0
     with pytest.raises(Exception, match="uint8"):
         finishers[1]()
@@ -251,6 +257,11 @@ def test_bf16_runs_and_is_recorded(coco_images, records):
     assert all(np.isfinite(v).all() and v.dtype == np.float32 for v in instances.scores.values())
 
 
+def _finisher(**overrides):
+    """A generator without a model: ``_finish`` (the CPU part) needs only the config."""
+    return Sam3Generator(Sam3Config(**{**TINY, **overrides}), None, {}, {"device": "cpu"})
+
+
 def _kept(logits_hw, prompt_ids, object_scores, presence=0.9):
     n = len(prompt_ids)
     return KeptQueries(np.asarray(prompt_ids, np.int64), np.asarray(object_scores, np.float32),
@@ -265,7 +276,7 @@ def _square(y1, x1, y2, x2, size=32):
 
 
 def test_nms_removes_nested_duplicates_within_a_class_only():
-    generator = _generator(nms_iou=0.7, nms_ios=0.9)
+    generator = _finisher(nms_iou=0.7, nms_ios=0.9)
     # prompts: 0 person, 1 man (both class 0), 2 dog (class 1), 3 car, 4 taxi (class 2)
     whole, part, other = _square(0, 0, 16, 16), _square(2, 2, 10, 10), _square(20, 20, 30, 30)
     kept = _kept([whole, part, part, other, other], [0, 1, 2, 3, 4], [0.9, 0.8, 0.7, 0.6, 0.5])
@@ -273,15 +284,15 @@ def test_nms_removes_nested_duplicates_within_a_class_only():
     # the man inside the person (same class, IoS 1) and the taxi on the car (IoU 1) go; the dog stays
     assert instances.attributes["sam3_prompt"] == ("person", "dog", "car")
     assert instances.class_ids.tolist() == [0, 1, 2]
-    across = _generator(nms_iou=0.7, nms_ios=0.9, nms_across_classes=True)._finish(kept, 64, 64)
+    across = _finisher(nms_iou=0.7, nms_ios=0.9, nms_across_classes=True)._finish(kept, 64, 64)
     assert across.attributes["sam3_prompt"] == ("person", "car")
-    off = _generator(nms_iou=1.0, nms_ios=1.0)._finish(kept, 64, 64)
+    off = _finisher(nms_iou=1.0, nms_ios=1.0)._finish(kept, 64, 64)
     assert len(off) == 5
 
 
 def test_empty_masks_are_dropped_and_no_instance_gives_empty_columns():
-    generator = _generator()
-    empty = _generator()._finish(_kept([_square(0, 0, 0, 0)], [0], [0.9]), 40, 50)
+    generator = _finisher()
+    empty = generator._finish(_kept([_square(0, 0, 0, 0)], [0], [0.9]), 40, 50)
     assert len(empty) == 0 and set(empty.scores) == {"confidence", "sam3_object_score", "sam3_presence_score"}
     assert generator._finish(_kept([_square(0, 0, 8, 8), _square(0, 0, 0, 0)], [0, 2], [0.9, 0.8]), 40, 50) \
         .attributes["sam3_prompt"] == ("person",)
