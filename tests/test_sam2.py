@@ -354,6 +354,17 @@ def test_recipes_needing_weights_stop_at_once_offline(recipe, key, tmp_path, mon
     assert not out.exists()
 
 
+def test_the_tiny_test_model_needs_random_weights():
+    from labelgen.generators.zip.generator import ZipGenerator
+
+    zip_config = load_recipe(REPO / "recipes" / "zip-sam2-tiny-random.yaml",
+                             ["generator.random_weights=false"]).generator.params
+    with pytest.raises(GeneratorError, match="'tiny' is SAM 2.1's test model"):
+        ZipGenerator.preflight(zip_config)
+    with pytest.raises(GeneratorError, match="'tiny' is a test model"):
+        Sam2AutoGenerator.preflight(Sam2AutoConfig(model_type="tiny"))
+
+
 # -- the real architectures ------------------------------------------------------------------
 @pytest.mark.slow
 def test_real_architectures_have_the_published_sizes_and_hiera_tiny_runs(coco_images):
