@@ -330,6 +330,7 @@ def test_run_records_every_image_with_classes_and_scores(finished_run):
     assert sum(len(r["instances"]["masks_rle"]) for r in rows) > 0
     done = json.loads((root / "shards" / "000000.done.json").read_text())
     assert done["provenance"]["weights"] == "RANDOM" and done["provenance"]["model"] == "tiny"
+    assert done["provenance"]["sam3_version"] == "0.1.4" and done["provenance"]["precision"] == "fp32"
 
 
 def test_kill_9_then_resume_gives_identical_records(finished_run, tmp_path):

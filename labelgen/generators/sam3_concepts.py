@@ -201,7 +201,7 @@ class Sam3Generator(Generator):
         facts: dict[str, Any] = {"generator": cls.name, "model": config.model, "device": str(dev),
                                  "precision": precision, "precision_requested": config.precision,
                                  "random_weights": config.random_weights,
-                                 "image_size": SPECS[config.model].image_size}
+                                 "image_size": SPECS[config.model].image_size, "sam3_version": _sam3_version()}
         if config.random_weights:
             log.warning("sam3: building SAM 3 (%s) with RANDOM WEIGHTS; labels are meaningless", config.model)
             checkpoint = None
@@ -319,6 +319,15 @@ class Sam3Generator(Generator):
 
         with torch.inference_mode(), _autocast(self.facts["device"], self.facts["precision"]):
             yield
+
+
+def _sam3_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("sam3")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _autocast(device: Any, precision: str) -> Any:
