@@ -387,6 +387,14 @@ def test_real_recipe_stops_at_once_offline(tmp_path, monkeypatch, capsys, coco12
     assert "huggingface.co/facebook/sam3" in err and not out.exists()
 
 
+def test_missing_sam3_package_names_the_extra(tmp_path, monkeypatch, capsys, coco128_images):
+    monkeypatch.setitem(sys.modules, "sam3", None)  # `import sam3` fails as if it were not installed
+    out = tmp_path / "run"
+    assert main(["run", "sam3-tiny-random", "--images", str(coco128_images), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("labelgen: error:") and "labelgen[sam3]" in err and not out.exists()
+
+
 # -- the real architecture ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_real_architecture_has_the_published_size():

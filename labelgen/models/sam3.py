@@ -91,11 +91,20 @@ SPECS = {"sam3": SAM3_IMAGE, "tiny": TINY_SAM3}
 
 def import_sam3() -> Any:
     """``import sam3`` without the warnings its video modules print on a machine without CUDA
-    (``@torch.autocast(device_type="cuda")`` decorators evaluated at import time)."""
+    (``@torch.autocast(device_type="cuda")`` decorators evaluated at import time); a
+    ``GeneratorError`` naming the ``sam3`` extra when it is not installed."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
         warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
-        import sam3
+        try:
+            import sam3
+        except ModuleNotFoundError as exc:
+            if exc.name != "sam3":  # torch itself missing: the CLI names the `models` extra
+                raise
+            raise GeneratorError(
+                "the sam3 generator needs the `sam3` package (Meta's SAM 3, SAM License): pip install"
+                " \"labelgen[sam3]\", or -e \".[sam3]\" in a checkout"
+            ) from exc
 
     return sam3
 
