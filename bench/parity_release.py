@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-images", type=int, default=0, help="0 = all")
     parser.add_argument("--iou", type=float, default=0.9)
+    parser.add_argument("--fidelity", choices=("release", "fast"), default="release",
+                        help="labelgen's generator.fidelity (fast: measure what the faster rules change)")
     parser.add_argument("--keep-fixes", action="store_true",
                         help="keep labelgen's token normalisation along channels (boxes then differ by design)")
     return parser.parse_args(argv)
@@ -198,10 +200,11 @@ def labelgen_stages(weights: dict[str, str], args: argparse.Namespace):
     config = ZipConfig(
         semantic=SemanticConfig(class_threshold=0.0, top_k=0, class_agnostic=False, **fixes),
         boundary=BoundaryConfig(model=args.boundary_model, short_side=args.short_side, num_clusters=20),
-        discovery=DiscoveryConfig(), fidelity="release")
+        discovery=DiscoveryConfig(cluster_visits="most_common" if args.fidelity == "release" else "all"),
+        fidelity=args.fidelity)
     vit, tokenizer, _ = model(VIT)
     rn, _, _ = model(args.boundary_model)
-    boundary = BoundaryStage(rn, config.boundary, device=device, fidelity="release")
+    boundary = BoundaryStage(rn, config.boundary, device=device, fidelity=args.fidelity)
     del rn
     return config, vit, tokenizer, boundary, ZipGenerator, SemanticStage
 
@@ -250,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         semantic, trunk = release_models(zip_utils, weights, args.boundary_model, args.device)
         parts = labelgen_stages(weights, args)
     print(f"weights {args.weights}{'' if args.weights == 'openai' else f' (seed {args.seed})'}, "
-          f"{args.boundary_model} @ {args.short_side}, k 20, device {args.device}, IoU >= {args.iou}")
+          f"{args.boundary_model} @ {args.short_side}, k 20, device {args.device}, IoU >= {args.iou}, "
+          f"labelgen fidelity {args.fidelity}{', fixes kept' if args.keep_fixes else ''}")
     print(f"{'image':<28} {'class':<12} {'release':>7} {'labelgen':>8} {'matched':>7} {'kmeans it':>9}")
     totals = np.zeros(3, np.int64)
     for path in paths:
