@@ -7,9 +7,12 @@ is run through the text encoder once; its features are reused for every image.
 Per batch of images (the model thread):
 
 1. encode the images (resized to the model's square input) in one backbone call (halved for
-   good on out-of-memory);
+   good on out-of-memory); an image's features, hence its instances, are bit-identical whatever
+   the batch size (``models.sam3.encode_images``);
 2. per image, the prompts in chunks of ``prompts_per_batch`` (one detector call each, the image
-   features reused; halved on out-of-memory), in vocabulary order;
+   features reused; halved on out-of-memory), in vocabulary order. Another chunk size changes
+   the scores by float rounding only (~1e-7: small matrix products round differently); it is
+   part of the recipe, so a run never mixes two;
 3. per prompt, keep the object queries whose ``confidence`` (below) is at least ``min_confidence``:
    their scores, predicted box and low-resolution mask logits go to the CPU, so an
    image holds only what it keeps, never the dense masks of every query.
@@ -254,13 +257,13 @@ class Sam3Generator(Generator):
         """Backbone on the whole batch, then every prompt chunk per image (see the module doc)."""
         import torch
 
-        from ..models.sam3 import preprocess_image
+        from ..models.sam3 import encode_images, preprocess_image
 
         device = self.facts["device"]
         size = self.facts["image_size"]
         with self._inference():
             pixels = torch.stack([preprocess_image(np.ascontiguousarray(im), size, device) for im in images_rgb])
-            features = self.model.backbone.forward_image(pixels)
+            features = encode_images(self.model, pixels)
             del pixels
             return [self._keep_image(features, i, *np.asarray(im).shape[:2]) for i, im in enumerate(images_rgb)]
 

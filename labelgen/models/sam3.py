@@ -400,6 +400,30 @@ def preprocess_image(image_rgb: Any, image_size: int, device: "str | torch.devic
     return tvf.normalize(image, list(SAM3_PIXEL_MEAN), list(SAM3_PIXEL_STD))
 
 
+def encode_images(model: Any, pixels: "torch.Tensor") -> dict[str, Any]:
+    """``model.backbone.forward_image(pixels)`` (``pixels``: ``(B, 3, S, S)`` from :func:`preprocess_image`),
+    with values for each image that do not depend on the batch it came in.
+
+    The ViT trunk runs on the whole batch (on a CPU its output for an image is bit-identical to a
+    batch of one); the neck's convolutions run image by image, because batched convolution kernels
+    round differently (~5e-7). Returns sam3's dict: ``backbone_fpn`` and ``vision_pos_enc`` (the
+    neck's levels, the lowest dropped as sam3's ``scalp=1``), ``vision_features`` (the last level).
+    """
+    import torch
+
+    backbone = model.backbone
+    neck = backbone.vision_backbone
+    if neck.sam2_convs is not None:
+        raise GeneratorError("encode_images supports the image model without the interactive SAM 2 neck")
+    trunk = neck.trunk(pixels)[-1]  # (B, C, g, g)
+    levels = [torch.cat([conv(trunk[i:i + 1]) for i in range(len(trunk))]) for conv in neck.convs]
+    positions = [neck.position_encoding(level).to(level.dtype) for level in levels]
+    if backbone.scalp > 0:
+        levels, positions = levels[:-backbone.scalp], positions[:-backbone.scalp]
+    return {"vision_features": levels[-1], "vision_pos_enc": positions, "backbone_fpn": levels,
+            "sam2_backbone_out": None}
+
+
 def encode_prompts(model: Any, prompts: "list[str]", device: "str | torch.device") -> dict[str, "torch.Tensor"]:
     """Text features of ``prompts``, in ``TEXT_BATCH`` calls of the text encoder:
     ``language_features`` ``(T, P, d_model)`` (sequence first), ``language_mask`` ``(P, T)`` bool
