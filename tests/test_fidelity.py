@@ -151,10 +151,10 @@ def _release_kmeans(features, k, max_iterations=100):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_release_kmeans_gives_the_releases_assignment_and_iterations(seed):
     generator = torch.Generator().manual_seed(seed)
-    # raw layer3-like vectors: large norms, a few blobs, 21760 points would be the paper's 128 x 170 grid
-    centres = torch.randn(6, 64, generator=generator) * 4 + 20
-    features = (centres[torch.randint(0, 6, (3000,), generator=generator)]
-                + torch.randn(3000, 64, generator=generator) * 3).contiguous()
+    # raw layer3-like vectors: large norms, a few blobs (the paper's grid is 128 x 170 = 21760 points)
+    centres = torch.randn(6, 32, generator=generator) * 4 + 20
+    features = (centres[torch.randint(0, 6, (1500,), generator=generator)]
+                + torch.randn(1500, 32, generator=generator) * 3).contiguous()
     expected_labels, expected_centroids, expected_iterations = _release_kmeans(features.clone(), 20)
     labels, centroids, iterations = kmeans_release(features.clone(), 20, 100, 1e-5)
     assert iterations == expected_iterations
