@@ -28,8 +28,10 @@ where two overlap (:func:`paint_owners`).
   ground-truth box gets an empty mask, which the generator drops.
 
 What stays real: the class gate, the activation mask, fragment selection and instance discovery
-(``labelgen.generators.zip.discovery``), k-means, the grid-to-image box scaling, the confidence, dropping
-empty masks, mask NMS, and everything after the generator (store, filter, export, eval).
+(``labelgen.generators.zip.discovery``, with every ``discovery`` option: the method fixes of
+``docs/oracle-check.md`` are measured here), k-means, the grid-to-image box scaling, the confidence,
+dropping empty masks, mask NMS, and everything after the generator (store, filter, export, eval).
+``fidelity`` defaults to ``fast``: the oracle grid takes each cell's centre pixel, the fast rule.
 See ``docs/oracle-check.md`` for the measured AP and for what each oracle choice changes.
 """
 from __future__ import annotations
