@@ -266,7 +266,9 @@ class ZipGenerator(Generator):
             LAYER3: {**common, "model": cfg.boundary.model, "weights": self._weights_id("boundary"),
                      "short_side": cfg.boundary.short_side, "max_long_side": cfg.boundary.max_long_side,
                      "resize_rule": "truncate" if cfg.fidelity == "release" else "round"},
-            SAM_EMBEDDING: {**common, "backend": cfg.sam.backend, "model": cfg.sam.model_type,
+            # backend and attention only when not the SAM 1 reference: earlier SAM 1 cache entries stay valid
+            SAM_EMBEDDING: {**common, **({"backend": cfg.sam.backend} if cfg.sam.backend != "sam1" else {}),
+                            "model": cfg.sam.model_type,
                             "weights": self._weights_id("sam"),
                             **({"attention": cfg.sam.attention} if cfg.sam.attention != "reference" else {})},
         }
