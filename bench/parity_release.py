@@ -215,7 +215,7 @@ def labelgen_boxes(parts, image_rgb: np.ndarray, class_name: str) -> tuple[np.nd
     config, vit, tokenizer, boundary, generator_class, semantic_class = parts
     semantic_config = dataclasses.replace(config.semantic, vocabulary=(class_name,))
     config = dataclasses.replace(config, semantic=semantic_config)
-    semantic = semantic_class(vit, tokenizer, semantic_config, device=boundary.device)
+    semantic = semantic_class(vit, tokenizer, semantic_config, device=boundary.device, fidelity=config.fidelity)
     generator = generator_class(config, semantic, boundary, None, {})
     height, width = image_rgb.shape[:2]
     result = semantic(image_rgb)

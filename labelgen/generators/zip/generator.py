@@ -120,7 +120,8 @@ class ZipGenerator(Generator):
                  "semantic": vit_facts, "boundary": rn_facts, "sam": sam_facts}
         return cls(
             config,
-            SemanticStage(clip_vit, tokenizer, config.semantic, device=dev, precision=precision),
+            SemanticStage(clip_vit, tokenizer, config.semantic, device=dev, precision=precision,
+                          fidelity=config.fidelity),
             BoundaryStage(clip_rn, config.boundary, device=dev, precision=precision, fidelity=config.fidelity),
             refiner,
             facts,

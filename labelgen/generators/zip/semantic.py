@@ -93,16 +93,18 @@ class TextEmbeddingCache:
         return len(self._entries)
 
     def get(
-        self, model_key: str, model: Any, tokenizer: Any, names: Sequence[str], device: str | torch.device
+        self, model_key: str, model: Any, tokenizer: Any, names: Sequence[str], device: str | torch.device,
+        chunk_size: int = PROMPT_CHUNK,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(text (C, D) float32 unit rows, redundant (D,) float32 unit) for ``names``."""
-        key = (model_key, tuple(names), str(torch.device(device)))
+        """(text (C, D) float32 unit rows, redundant (D,) float32 unit) for ``names``, encoded
+        ``chunk_size`` prompts per call (``len(PROMPT_TEMPLATES)``: one name per call, as the release)."""
+        key = (model_key, tuple(names), str(torch.device(device)), int(chunk_size))
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key]
         log.debug("encoding %d class names for %s", len(key[1]), model_key)
-        both = text_embeddings(model, tokenizer, [*_check_names(names), ""], device)
+        both = text_embeddings(model, tokenizer, [*_check_names(names), ""], device, chunk_size=chunk_size)
         entry = (both[:-1], both[-1])
         with self._lock:
             self._entries[key] = entry
@@ -404,6 +406,8 @@ class SemanticStage:
     image tower under ``torch.autocast`` (text embeddings and the maps stay float32).
     Mean/std come from ``model.visual.preprocess_cfg`` (OpenAI CLIP's when absent). Text
     embeddings are computed once per vocabulary in ``text_cache`` (shareable between stages).
+    ``fidelity``: ``"release"`` encodes each class name's prompts in a call of their own, as the
+    release does; ``"fast"``: 256 prompts per call.
     """
 
     def __init__(
@@ -415,6 +419,7 @@ class SemanticStage:
         device: str | torch.device = "cpu",
         precision: Literal["fp32", "bf16", "fp16"] = "fp32",
         text_cache: TextEmbeddingCache | None = None,
+        fidelity: Literal["release", "fast"] = "fast",
     ):
         _check_stage_config(model.visual, config, precision)
         self.model = model.eval()
@@ -424,6 +429,9 @@ class SemanticStage:
         self.precision = precision
         self.text_cache = text_cache if text_cache is not None else TextEmbeddingCache()
         self.model_key = f"{config.model}:{config.pretrained}#{id(model):x}"
+        # release: each class name's 85 prompts in one encode_text call, as the release encodes them (other
+        # batchings change the float32 sums); fast: 256 prompts per call
+        self.text_chunk = len(PROMPT_TEMPLATES) if fidelity == "release" else PROMPT_CHUNK
         self.mean, self.std = _clip_mean_std(model.visual)
 
     @property
@@ -485,7 +493,8 @@ class SemanticStage:
         return self._from_token_tensor(tokens.unsqueeze(0).to(self.device))
 
     def _from_token_tensor(self, tokens: torch.Tensor) -> SemanticResult:
-        text, redundant = self.text_cache.get(self.model_key, self.model, self.tokenizer, self.class_names, self.device)
+        text, redundant = self.text_cache.get(self.model_key, self.model, self.tokenizer, self.class_names, self.device,
+                                              self.text_chunk)
         with torch.inference_mode():
             probs = class_probabilities(tokens[:, 0], text, float(self.model.logit_scale.exp()))[0]
             if self.config.token_normalisation == "channels":
