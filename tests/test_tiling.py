@@ -27,7 +27,7 @@ from labelgen.structures.instances import ImageRecord, Instances
 from labelgen.structures.stitch import TileWindow
 from labelgen.testing import fake_recipe_dict
 
-from conftest import COCO128
+from conftest import COCO128, plugin_imported
 
 tifffile = pytest.importorskip("tifffile")
 REPO = Path(__file__).resolve().parents[1]
@@ -355,23 +355,31 @@ def coco128_root():
     return COCO128
 
 
-def _check_mosaic(coco128_root, tmp_path, grid, **extra):
-    from labelgen.testing.mosaic import mosaic_check
+@pytest.fixture
+def mosaic():
+    """``labelgen.testing.mosaic`` (zip-oracle and zip-oracle-mosaic registered) for one test only."""
+    with plugin_imported("labelgen.testing.oracle"), plugin_imported("labelgen.testing.mosaic") as module:
+        yield module
 
-    result = mosaic_check(str(coco128_root), grid, tmp_path, {"mode": "always", "tile_size": 512, "overlap": 96,
+
+def _check_mosaic(mosaic, coco128_root, tmp_path, grid, **extra):
+    result = mosaic.mosaic_check(str(coco128_root), grid, tmp_path, {"mode": "always", "tile_size": 512, "overlap": 96,
                                                                **extra})
     tiled, untiled = result["tiled"], result["untiled"]
     assert tiled["seam_crossing"] >= 0.4 * tiled["objects"]  # tiles of 512 - 96 on 640-px cells cut many objects
     assert tiled["seam_recall"] >= untiled["seam_recall"] - 0.05
-    assert tiled["duplicates"] == 0 and tiled["fragments"] <= untiled["fragments"] + 1
+    assert tiled["duplicates"] == 0  # no object found twice ...
+    assert tiled["fragments"] <= untiled["fragments"] + 0.01 * tiled["predictions"]  # ... and few pieces left
     assert tiled["AP"] >= untiled["AP"] - 0.02
     return result
 
 
-def test_mosaic_4x4_tiled_matches_untiled(coco128_root, tmp_path):
-    _check_mosaic(coco128_root, tmp_path, 4)
+def test_mosaic_4x4_tiled_matches_untiled(mosaic, coco128_root, tmp_path):
+    _check_mosaic(mosaic, coco128_root, tmp_path, 4)
 
 
 @pytest.mark.slow
-def test_mosaic_8x8_tiled_matches_untiled(coco128_root, tmp_path):
-    _check_mosaic(coco128_root, tmp_path, 8)
+@pytest.mark.skipif(not os.environ.get("LABELGEN_MOSAIC_8X8"), reason="2.5-5 minutes on 2 cores; set LABELGEN_MOSAIC_8X8=1"
+                    " (bench/bench_tiling.py mosaic prints the same figures)")
+def test_mosaic_8x8_tiled_matches_untiled(mosaic, coco128_root, tmp_path):
+    _check_mosaic(mosaic, coco128_root, tmp_path, 8)

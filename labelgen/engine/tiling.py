@@ -21,7 +21,6 @@ The generator never knows: a tile's ``ImageRecord`` is the image's record with `
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import re
 from typing import Any, Callable, Sequence
@@ -38,7 +37,6 @@ from ..structures.masks import rle_to_pycocotools, rles_to_boxes_xyxy
 from ..structures.stitch import (Parts, StitchRule, TileWindow, concat_parts, crop_mask_to_rle, dedupe, shift_rle,
                                  stitch_parts)
 
-log = logging.getLogger(__name__)
 
 TILE_ID = re.compile(r"^(?P<parent>.+)#tile=(?P<x0>\d+),(?P<y0>\d+),(?P<x1>\d+),(?P<y1>\d+)$")
 GLOBAL_TAG = "global"
@@ -119,8 +117,7 @@ def tiled_work(generator: Generator, image: Any, record: ImageRecord, tiling: Ti
         windows = plan_tiles(height, width, tiling.tile_size, tiling.overlap)
         pieces = _tile_pieces(generator, image, record, windows, batch_size)
         global_piece = _global_piece(generator, image, record, tiling) if tiling.global_pass else None
-    except Exception as exc:  # this image's failure, raised when its finisher runs
-        log.error("tiled generation of %s failed: %s: %s", record.image_id, type(exc).__name__, exc)
+    except Exception as exc:  # this image's failure, raised (and logged) when its finisher runs
         return failed(exc)
     finally:
         if not isinstance(image, np.ndarray) and hasattr(image, "close"):
@@ -133,8 +130,9 @@ def _tile_pieces(generator: Generator, image: Any, record: ImageRecord, windows:
     """``(tile index, full-frame Instances)`` of every tile, ``batch_size`` tiles per call."""
     height, width = image_size(image)
     pieces: list[tuple[int, Instances]] = []
-    for start in range(0, len(windows), batch_size):
-        batch = list(enumerate(windows))[start:start + batch_size]
+    numbered = list(enumerate(windows))
+    for start in range(0, len(numbered), batch_size):
+        batch = numbered[start:start + batch_size]
         tiles = [read_window(image, w) for _, w in batch]
         records = [tile_record(record, w) for _, w in batch]
         finishers = generator.generate_batch(tiles, records)
@@ -171,7 +169,7 @@ def shrink_factor(height: int, width: int, global_size: int) -> int:
     return max(1, math.ceil(max(height, width) / global_size))
 
 
-def shrunk(image: Any, factor: int, strip_rows: int = 1024) -> np.ndarray:
+def shrunk(image: Any, factor: int, strip_rows: int = 256) -> np.ndarray:
     """``(ceil(H/f), ceil(W/f), 3)`` uint8: the mean of each ``f`` x ``f`` block, read in strips of
     about ``strip_rows`` rows (a region reader is never read whole)."""
     height, width = image_size(image)
