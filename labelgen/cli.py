@@ -405,10 +405,7 @@ def _cmd_filter(args: argparse.Namespace) -> int:
     for _, result in filter_run(store, config, class_names):
         if result is not None:
             summary.add(result, class_names)
-    from .review.diff import describe_source, format_table
-
-    data = {**summary.to_dict(), "a": describe_source(sources[0]), "b": describe_source(sources[1])}
-    print(json.dumps(data, indent=1) if args.json else format_table(data))
+    print(json.dumps(summary.to_dict(), indent=1) if args.json else summary.table())
     return 0
 
 

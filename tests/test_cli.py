@@ -69,7 +69,7 @@ def test_config_mismatch_exit_2_then_new_run(tmp_path, image_dir, capsys):
 
 def test_generators_lists_registered_names(capsys):
     code, stdout, _ = _run(["generators", "--plugin", "labelgen.testing"], capsys)
-    assert code == 0 and stdout.split() == ["fake", "sam-auto", "zip"]
+    assert code == 0 and stdout.split() == ["fake", "sam-auto", "sam2-auto", "sam3", "zip"]
 
 
 def test_fake_generator_is_not_available_without_the_plugin(tmp_path, image_dir):
@@ -78,7 +78,7 @@ def test_fake_generator_is_not_available_without_the_plugin(tmp_path, image_dir)
     out = subprocess.run([sys.executable, "-m", "labelgen.cli", "run", str(REPO / "recipes/fake-smoke.yaml"),
                           "--images", str(image_dir), "--out", str(tmp_path / "r")],
                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
-    assert out.returncode == 2 and "unknown generator 'fake'; available: sam-auto, zip" in out.stderr
+    assert out.returncode == 2 and "unknown generator 'fake'; available: sam-auto, sam2-auto, sam3, zip" in out.stderr
 
 
 @pytest.mark.skipif(shutil.which("labelgen") is None and not (Path(sys.executable).parent / "labelgen").exists(),

@@ -6,7 +6,8 @@ from labelgen.cli import main
 from labelgen.config import SHIPPED_RECIPES, find_recipe, load_recipe, recipe_summary, shipped_recipes
 from labelgen.errors import ConfigError
 
-NAMES = ["fake-smoke", "sam-auto", "sam-auto-tiny-random", "zip-cpu", "zip-paper", "zip-smoke-random",
+NAMES = ["fake-smoke", "sam-auto", "sam-auto-tiny-random", "sam2-auto", "sam2-auto-tiny-random", "sam3",
+         "sam3-tiny-random", "zip-cpu", "zip-paper", "zip-sam2", "zip-sam2-tiny-random", "zip-smoke-random",
          "zip-tiny-random"]
 
 
