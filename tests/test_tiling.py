@@ -383,3 +383,33 @@ def test_mosaic_4x4_tiled_matches_untiled(mosaic, coco128_root, tmp_path):
                     " (bench/bench_tiling.py mosaic prints the same figures)")
 def test_mosaic_8x8_tiled_matches_untiled(mosaic, coco128_root, tmp_path):
     _check_mosaic(mosaic, coco128_root, tmp_path, 8)
+
+
+# -- the feature cache with tiles (real tiny Zip architectures, random weights) ---------------------------
+def test_the_feature_cache_serves_tiles_and_changes_nothing(tmp_path, coco128_images):
+    pytest.importorskip("torch")
+    pytest.importorskip("open_clip")
+    from labelgen.config import load_recipe
+    from labelgen.generators import GENERATORS
+    from labelgen.models.feature_cache import FeatureCache
+
+    recipe = load_recipe(REPO / "recipes" / "zip-tiny-random.yaml",
+                         ["images.tiling.mode=always", "images.tiling.tile_size=320", "images.tiling.overlap=64",
+                          "images.compute_sha256=false"])
+    crop = np.asarray(Image.open(coco128_images / "000000000009.jpg").convert("RGB"))[:300, :480]
+    Image.fromarray(crop).save(tmp_path / "crop.png")
+    record = [ImageRecord("crop.png", str(tmp_path / "crop.png"))]  # 480 x 300: two tiles side by side
+    cache = FeatureCache(tmp_path / "cache", 10**9)
+
+    def run():
+        generator = GENERATORS.get("zip").from_config(recipe.generator.params)
+        generator.feature_cache = cache
+        [row] = label_images(generator, record, recipe.images, batch_size=2)
+        assert row.instances is not None, row.failure
+        return row.instances.to_dict()
+
+    cold = run()
+    assert (cache.stats().misses, cache.stats().writes, cache.stats().hits) == (2 * 3, 2 * 3, 0)  # 3 encoders x 2 tiles
+    warm = run()
+    assert cache.stats().hits == 2 * 3
+    assert cold == warm and cold["provenance"]["tiling"]["tiles"] == 2
