@@ -247,7 +247,7 @@ def _fill_in_help(subcommands: argparse._SubParsersAction) -> None:
 
 # top-level modules of the optional extras (pyproject.toml): a core install names the extra to add
 _EXTRAS = {"torch": "models", "torchvision": "models", "open_clip": "models", "segment_anything": "models",
-           "fiftyone": "review", "ray": "cluster"}
+           "sam2": "sam2", "sam3": "sam3", "fiftyone": "review", "ray": "cluster"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

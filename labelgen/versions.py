@@ -7,7 +7,7 @@ from importlib import metadata
 
 PACKAGES = (
     "labelgen", "numpy", "pillow", "pycocotools", "joblib", "torch", "torchvision",
-    "open_clip_torch", "segment-anything", "fiftyone",
+    "open_clip_torch", "segment-anything", "sam2", "sam3", "fiftyone",
 )
 
 
