@@ -136,17 +136,8 @@ def _resolve_sam_checkpoint(model_type: str, checkpoint: str, allow_download: bo
         raise WeightsNotFoundError(f"unknown SAM model type {model_type!r}; expected one of {sorted(SAM_CHECKPOINTS)}")
     if checkpoint:
         return _existing_file(checkpoint, f"SAM {model_type} checkpoint", config_key)
-    official = SAM_CHECKPOINTS[model_type]
-    target = cache_dir() / "sam" / official.filename
-    if target.is_file():
-        _check_sha256(target, official.sha256)
-        return target
-    how = (f"download {official.url} on a machine with internet and put it at {target}, or set"
-           f" {config_key}=/path/to/{official.filename}")
-    if not allow_download:
-        raise WeightsNotFoundError(f"SAM {model_type} checkpoint not found at {target} (downloads disabled); {how}")
-    _download(official.url, target, official.sha256, how)
-    return target
+    return _official_file(SAM_CHECKPOINTS[model_type], cache_dir() / "sam", f"SAM {model_type} checkpoint",
+                          allow_download, config_key)
 
 
 def resolve_sam2_checkpoint(model_type: str, checkpoint: str = "", *, allow_download: bool = True,
