@@ -8,6 +8,9 @@ Three kinds of work overlap, so the model is never kept waiting by the CPU:
 * a **finish** thread runs each image's finisher (RLE encoding, NMS), the CLIP labeler and the
   score combination, and builds the image's shard row.
 
+With ``images.tiling`` on, an image that is tiled goes through ``tiling.tiled_work`` instead: its
+tiles are the batches (``batch_size`` tiles per call), and its finisher stitches (``docs/tiling.md``).
+
 Memory stays bounded: at most one batch is decoded ahead and at most two batches wait to be
 finished. Rows come back in input order, identical to ``overlap=False`` (everything inline).
 Nothing here raises for a bad image or a model failure: each becomes a failed row.

@@ -208,13 +208,14 @@ def _merge_pairs(parts: Parts, rule: StitchRule) -> Iterable[tuple[int, int]]:
     """Pairs ``(a, b)`` of parts from overlapping tiles that pass the seam test."""
     inst, tiles = parts.instances, parts.tile_index
     by_tile: dict[int, np.ndarray] = {int(t): np.flatnonzero(tiles == t) for t in np.unique(tiles) if t >= 0}
-    for ta in sorted(by_tile):
-        for tb in sorted(by_tile):
-            if tb <= ta:
-                continue
+    used = sorted(by_tile)
+    boxes = np.asarray([parts.windows[t].xyxy for t in used], np.int64).reshape(-1, 4)
+    for i, ta in enumerate(used):  # neighbours found with one vectorised test per tile (thousands of tiles)
+        meet = ((boxes[i + 1:, 0] < boxes[i, 2]) & (boxes[i + 1:, 2] > boxes[i, 0])
+                & (boxes[i + 1:, 1] < boxes[i, 3]) & (boxes[i + 1:, 3] > boxes[i, 1]))
+        for j in np.flatnonzero(meet):
+            tb = used[i + 1 + int(j)]
             shared = parts.windows[ta].intersection(parts.windows[tb])
-            if shared is None:
-                continue
             yield from _seam_pairs(inst, parts.cut, by_tile[ta], by_tile[tb], shared, rule)
 
 
