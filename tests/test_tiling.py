@@ -413,3 +413,11 @@ def test_the_feature_cache_serves_tiles_and_changes_nothing(tmp_path, coco128_im
     warm = run()
     assert cache.stats().hits == 2 * 3
     assert cold == warm and cold["provenance"]["tiling"]["tiles"] == 2
+
+
+def test_a_tiff_that_fits_one_tile_is_labelled_whole_in_auto_mode(tmp_path):
+    tifffile.imwrite(tmp_path / "s.tif", blob_image(100, 120), tile=(32, 32))
+    record = [ImageRecord("s.tif", str(tmp_path / "s.tif"))]
+    generator = ColourBlobs()
+    [row] = label_images(generator, record, images_config(mode="auto", tile_size=128, overlap=24))
+    assert generator.seen == [("s.tif", (100, 120))] and "tiling" not in row.instances.provenance

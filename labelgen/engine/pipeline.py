@@ -162,6 +162,8 @@ def _decode(record: ImageRecord, images: ImagesConfig, regions: bool = False
             if tiling_on and regions else None
         if reader is not None:
             image, info = reader
+            if tiling.mode == "auto" and max(info["width"], info["height"]) <= tiling.tile_size:
+                image = _read_whole(image)  # fits one tile: a whole image, as any other format
         else:
             image, info = read_image_rgb(record.uri, max_pixels=max_pixels, compute_sha256=images.compute_sha256,
                                          max_file_bytes=getattr(images, "max_file_bytes", DEFAULT_MAX_FILE_BYTES))
@@ -173,6 +175,13 @@ def _decode(record: ImageRecord, images: ImagesConfig, regions: bool = False
         return record, None, Row.failed(record, "unreadable", f"cannot decode {record.uri!r}: "
                                                              f"{type(exc).__name__}: {exc}")
     return record.with_size(info["width"], info["height"], info.get("sha256")), image, None
+
+
+def _read_whole(reader: Any) -> np.ndarray:
+    try:
+        return reader.read_window_xyxy(0, 0, reader.width, reader.height)
+    finally:
+        reader.close()
 
 
 def _decoded(records: Sequence[ImageRecord], images: ImagesConfig, pool: Any, ahead: int, regions: bool = False
