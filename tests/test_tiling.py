@@ -421,3 +421,11 @@ def test_a_tiff_that_fits_one_tile_is_labelled_whole_in_auto_mode(tmp_path):
     generator = ColourBlobs()
     [row] = label_images(generator, record, images_config(mode="auto", tile_size=128, overlap=24))
     assert generator.seen == [("s.tif", (100, 120))] and "tiling" not in row.instances.provenance
+
+
+def test_an_image_with_nothing_found_keeps_the_generators_columns(tmp_path):
+    Image.fromarray(np.zeros((200, 300, 3), np.uint8)).save(tmp_path / "black.png")
+    [row] = label_images(ColourBlobs(), [ImageRecord("black.png", str(tmp_path / "black.png"))],
+                         images_config(mode="always", tile_size=128, overlap=24))
+    assert len(row.instances) == 0 and set(row.instances.scores) == {"confidence"}
+    assert row.instances.class_ids is not None and "colour" in row.instances.attributes

@@ -377,9 +377,13 @@ def concat_parts(pieces: Sequence[tuple[int, Instances]], windows: Sequence[Tile
                  width: int) -> Parts:
     """``(tile index or -1, full-frame Instances)`` pieces -> one ``Parts``. Score columns, class ids
     and attributes must agree across pieces (a column missing in some piece is an error)."""
-    pieces = [(t, p) for t, p in pieces if len(p)]
-    if not pieces:
-        return Parts(Instances.empty(height, width), np.zeros(0, np.int64), tuple(windows), np.zeros(0, bool))
+    given = list(pieces)
+    pieces = [(t, p) for t, p in given if len(p)]
+    if not pieces:  # nothing found: keep the (empty) columns the generator returns
+        empty = given[0][1] if given else Instances.empty(height, width)
+        if (empty.height, empty.width) != (height, width):
+            raise ValidationError(f"a part is in a {empty.width}x{empty.height} frame; expected {width}x{height}")
+        return Parts(empty, np.zeros(0, np.int64), tuple(windows), np.zeros(0, bool))
     first = pieces[0][1]
     for _, p in pieces:
         if (p.height, p.width) != (height, width):
