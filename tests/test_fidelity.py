@@ -327,3 +327,96 @@ def test_zip_generator_runs_both_fidelities_and_keys_the_cache_by_the_resize_rul
     # 130 x 90 at a 256 short side: the release truncates 369.8 to 369, the fast rule rounds to 370
     assert resized_size(90, 130, 256, 512, "release") == (256, 369) and resized_size(90, 130, 256, 512) == (256, 370)
     assert ZipConfig().fidelity == "release" and DiscoveryConfig().cluster_visits == "most_common"
+
+
+# -- the method fixes (options, off as released) ---------------------------------------------------------
+def test_box_margin_grows_grid_boxes_within_the_grid():
+    from labelgen.generators.zip.discovery import grow_grid_boxes
+
+    boxes = np.array([[2, 3, 5, 6], [0, 0, 9, 4]], np.float64)
+    assert grow_grid_boxes(boxes, 1, 5, 9).tolist() == [[1, 2, 6, 5], [0, 0, 9, 5]]  # clipped to 9 x 5 cells
+    assert grow_grid_boxes(boxes, 0, 5, 9).tolist() == boxes.tolist()
+
+
+def _bridged_blocks():
+    labels = np.zeros((6, 9), np.int64)
+    labels[1:4, 1:4] = 1  # instance A
+    labels[1:4, 5:8] = 1  # instance B, same cluster
+    for cell in ((2, 4), (3, 4), (4, 5), (4, 6)):  # a diagonal ring of cluster 2: two thin pieces
+        labels[cell] = 2
+    activated = labels > 0
+    return labels, activated
+
+
+@pytest.mark.parametrize("connectivity, instances", [(4, 1), (8, 2)])
+def test_thin_ring_pieces_do_not_bridge_two_instances_with_8_connectivity(connectivity, instances):
+    labels, activated = _bridged_blocks()
+    config = DiscoveryConfig(min_cells=1, cluster_visits="all", fragment_connectivity=connectivity)
+    found = discover_instances(labels, activated, config)
+    assert len(found) == instances
+    if connectivity == 8:
+        assert [inst.box_xyxy_grid for inst in found] == [(1, 1, 4, 4), (5, 1, 8, 4)]
+
+
+def test_fragment_connectivity_must_be_4_or_8():
+    from labelgen.checks import FieldValueError
+
+    with pytest.raises(FieldValueError, match="fragment_connectivity"):
+        DiscoveryConfig(fragment_connectivity=6)
+
+
+@pytest.mark.parametrize("recover, expected", [(False, []), (True, [(16, (2, 2, 6, 6))])])
+def test_small_interior_recovered_from_its_ring(recover, expected):
+    labels = np.zeros((9, 9), np.int64)
+    labels[3:5, 3:5] = 1  # a 2 x 2 interior (its ring is another cluster)
+    found = discover_instances(labels, labels == 1, DiscoveryConfig(min_cells=9, cluster_visits="all",
+                                                                    recover_small=recover))
+    assert [(inst.area_cells, inst.box_xyxy_grid) for inst in found] == expected
+
+
+def _nms_generator(**discovery):
+    import dataclasses
+
+    from labelgen.generators.zip.config import SamConfig
+    from labelgen.generators.zip.generator import ZipGenerator
+
+    generator = ZipGenerator.__new__(ZipGenerator)
+    generator.config = ZipConfig(discovery=dataclasses.replace(DiscoveryConfig(), **discovery),
+                                 sam=SamConfig(nms_iou=0.7, nms_ios=0.9))
+    return generator
+
+
+def _instances(masks, classes, confidence, evidence):
+    from labelgen.structures.instances import Instances
+    from labelgen.structures.masks import masks_to_rles, rles_to_boxes_xyxy
+
+    rles = masks_to_rles(np.asarray(masks))
+    n = len(masks)
+    scores = {"confidence": np.asarray(confidence, np.float32), "activated_fraction": np.asarray(evidence, np.float32)}
+    return Instances(height=masks[0].shape[0], width=masks[0].shape[1], masks_rle=tuple(rles),
+                     boxes_xyxy=rles_to_boxes_xyxy(rles), scores=scores, class_ids=np.asarray(classes, np.int32),
+                     attributes={"semantic_class_id": [int(c) for c in classes]}, provenance={})
+
+
+def _bowl_food_and_part():
+    bowl, food, part = (np.zeros((20, 20), bool) for _ in range(3))
+    bowl[2:18, 2:18] = True
+    food[6:12, 6:12] = True  # inside the bowl, another class
+    part[2:8, 2:18] = True  # a part of the bowl, same class
+    return [bowl, food, part]
+
+
+@pytest.mark.parametrize("containment, kept", [("all", [0]), ("same_class", [0, 1])])
+def test_containment_nms_keeps_another_class_inside_and_removes_parts(containment, kept):
+    instances = _instances(_bowl_food_and_part(), classes=[0, 1, 0], confidence=[0.9, 0.8, 0.7], evidence=[1, 1, 1])
+    result = _nms_generator(nms_containment=containment)._suppress_duplicates(instances)
+    assert result.class_ids.tolist() == [instances.class_ids[i] for i in kept]
+
+
+@pytest.mark.parametrize("rule, kept_class", [("confidence", 0), ("evidence", 1)])
+def test_duplicate_class_chosen_by_fragment_evidence(rule, kept_class):
+    mask = np.zeros((10, 10), bool)
+    mask[2:8, 2:8] = True
+    instances = _instances([mask, mask], classes=[0, 1], confidence=[0.6, 0.5], evidence=[0.35, 0.9])
+    result = _nms_generator(duplicate_class=rule)._suppress_duplicates(instances)
+    assert result.class_ids.tolist() == [kept_class]
