@@ -3,13 +3,12 @@
 are imported inside the functions, so importing this module costs nothing."""
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import GeneratorError, WeightsNotFoundError
+from ..errors import GeneratorError
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -97,25 +96,9 @@ def _build_tiny_sam() -> "Sam":
 
 
 def _load_sam_state_dict(path: Path, model_type: str, sam: "Sam") -> Mapping:
-    import torch
+    from .checkpoints import check_state_keys, read_state_dict
 
-    if not path.is_file():
-        raise WeightsNotFoundError(f"SAM {model_type} checkpoint not found: {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise GeneratorError(
-            f"refusing SAM checkpoint {path}: it holds objects other than tensors and plain containers"
-            f" (weights_only loading failed: {str(exc).splitlines()[0]}). Use the official sam_{model_type}"
-            " checkpoint or re-save a plain state_dict."
-        ) from exc
-    if not isinstance(state, Mapping):
-        raise GeneratorError(f"SAM checkpoint {path} must hold a state dict; got {type(state).__name__}")
-    expected = set(sam.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise GeneratorError(
-            f"SAM checkpoint {path} does not match the {model_type} architecture: {len(missing)} missing keys"
-            f" {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}. Check generator.sam.model_type."
-        )
+    what = f"SAM {model_type} checkpoint"
+    state = read_state_dict(path, what, f"the official sam_{model_type} checkpoint")
+    check_state_keys(state, sam, path, what, "Check generator.sam.model_type.")
     return state

@@ -9,12 +9,11 @@ functions, so importing this module costs nothing.
 """
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import GeneratorError, WeightsNotFoundError
+from ..errors import GeneratorError
 
 if TYPE_CHECKING:
     import torch
@@ -129,29 +128,13 @@ def parameter_count(model: "torch.nn.Module") -> int:
 
 
 def load_sam2_state_dict(path: Path, model_type: str, model: "torch.nn.Module") -> Mapping:
-    """The state dict in ``path`` (``weights_only=True``), checked key for key against ``model``."""
-    import torch
+    """The state dict in ``path`` (``weights_only=True``; the official files keep it under ``"model"``),
+    checked key for key against ``model``."""
+    from .checkpoints import check_state_keys, read_state_dict
 
-    if not path.is_file():
-        raise WeightsNotFoundError(f"SAM 2.1 {model_type} checkpoint not found: {path} does not exist")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise GeneratorError(
-            f"refusing SAM 2.1 checkpoint {path}: it holds objects other than tensors and plain containers"
-            f" (weights_only loading failed: {str(exc).splitlines()[0]}). Use the official {model_type}.pt file"
-        ) from exc
-    state = loaded.get("model", loaded) if isinstance(loaded, Mapping) else loaded
-    if not isinstance(state, Mapping):
-        raise GeneratorError(f"SAM 2.1 checkpoint {path} must hold a state dict (under 'model'); got"
-                             f" {type(state).__name__}")
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise GeneratorError(
-            f"SAM 2.1 checkpoint {path} does not match the {model_type} architecture: {len(missing)} missing keys"
-            f" {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}. Check generator.sam.model_type."
-        )
+    what = f"SAM 2.1 {model_type} checkpoint"
+    state = read_state_dict(path, what, f"the official {model_type}.pt file")
+    check_state_keys(state, model, path, what, "Check generator.sam.model_type.")
     return state
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import pickle
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -344,24 +343,9 @@ def load_sam3_checkpoint(model: Any, path: Path) -> None:
 
 
 def _read_state_dict(path: Path) -> Mapping:
-    import torch
+    from .checkpoints import read_state_dict
 
-    if not path.is_file():
-        raise WeightsNotFoundError(f"SAM 3 checkpoint not found: {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise GeneratorError(
-            f"refusing SAM 3 checkpoint {path}: it holds objects other than tensors and plain containers"
-            f" (weights_only loading failed: {str(exc).splitlines()[0]}). Use the official sam3.pt."
-        ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise GeneratorError(f"cannot read SAM 3 checkpoint {path}: {exc}. Is the file complete?") from exc
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    if not isinstance(state, Mapping):
-        raise GeneratorError(f"SAM 3 checkpoint {path} must hold a state dict; got {type(state).__name__}")
-    return state
+    return read_state_dict(path, "SAM 3 checkpoint", "the official sam3.pt (facebook/sam3)")
 
 
 def load_sam3(model: str, checkpoint: Path | None, *, device: "str | torch.device" = "cpu",
