@@ -10,7 +10,7 @@ from labelgen.errors import ValidationError
 from labelgen.structures.instances import Instances
 from labelgen.structures.masks import mask_to_rle, masks_to_rles, rles_to_masks
 from labelgen.structures.stitch import (Parts, StitchRule, TileWindow, box_rle, concat_parts, crop_mask_to_rle,
-                                        shift_rle, stitch)
+                                        enlarged_mask_to_rle, shift_rle, stitch)
 
 
 def disk(height, width, cx, cy, r):
@@ -185,3 +185,14 @@ def test_rle_building_blocks_match_pycocotools(height, width, x0, y0, shape):
 def test_bad_input_is_refused_clearly(call, message):
     with pytest.raises(ValidationError, match=message):
         call()
+
+
+@pytest.mark.parametrize("factor,height,width", [(1, 6, 7), (3, 18, 21), (3, 16, 20), (4, 22, 25)])
+def test_enlarged_masks_equal_the_dense_nearest_neighbour_enlargement(factor, height, width):
+    small = np.random.default_rng(factor).random((6, 7)) < 0.5
+    small[:, 0] = True  # a column set top to bottom: its runs join the next column's
+    dense = np.repeat(np.repeat(small, factor, axis=0), factor, axis=1)
+    full = np.zeros((height, width), bool)
+    h, w = min(height, dense.shape[0]), min(width, dense.shape[1])
+    full[:h, :w] = dense[:h, :w]
+    assert enlarged_mask_to_rle(small, factor, height, width) == mask_to_rle(full)

@@ -10,7 +10,7 @@
 3. **shift**: each tile result is moved into the full frame as RLE (``structures.stitch.shift_rle``:
    only the tile mask is ever dense);
 4. **global view** (``global_pass``): the whole image shrunk by an integer factor to about
-   ``global_size`` goes through the generator too; its masks are enlarged one bounding box at a time;
+   ``global_size`` goes through the generator too; its masks are enlarged run by run (never dense);
 5. **stitch**: ``structures.stitch.stitch`` merges parts cut by seams and removes duplicates; with a
    global view, objects with a box side >= ``global_min_side`` come from it and smaller ones from tiles.
 
@@ -34,8 +34,8 @@ from ..generators import Generator
 from ..generators.base import failed
 from ..structures.instances import ImageRecord, Instances
 from ..structures.masks import rle_to_pycocotools, rles_to_boxes_xyxy
-from ..structures.stitch import (Parts, StitchRule, TileWindow, concat_parts, crop_mask_to_rle, dedupe, shift_rle,
-                                 stitch_parts)
+from ..structures.stitch import (Parts, StitchRule, TileWindow, concat_parts, dedupe, enlarged_mask_to_rle,
+                                 shift_rle, stitch_parts)
 
 
 TILE_ID = re.compile(r"^(?P<parent>.+)#tile=(?P<x0>\d+),(?P<y0>\d+),(?P<x1>\d+),(?P<y1>\d+)$")
@@ -196,22 +196,16 @@ def _global_piece(generator: Generator, image: Any, record: ImageRecord, tiling:
 
 
 def enlarge_instances(instances: Instances, factor: int, height: int, width: int) -> Instances:
-    """Instances of the view shrunk by ``factor`` in the full frame: each mask's bounding box is
-    enlarged (nearest neighbour) on its own, so the dense buffer is bounded by that box."""
+    """Instances of the view shrunk by ``factor`` in the full frame: each mask's runs are enlarged
+    (nearest neighbour), so no full-resolution mask is ever dense."""
     masks = tuple(_enlarged_rle(r, factor, height, width) for r in instances.masks_rle)
     return dataclasses.replace(instances, height=height, width=width, masks_rle=masks,
                                boxes_xyxy=rles_to_boxes_xyxy(masks), provenance=dict(instances.provenance))
 
 
 def _enlarged_rle(rle: dict, factor: int, height: int, width: int) -> dict:
-    mask = coco_mask.decode(rle_to_pycocotools(rle)).astype(bool)
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if not rows.size:
-        return crop_mask_to_rle(np.zeros((0, 0), bool), 0, 0, height, width)
-    crop = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    big = np.repeat(np.repeat(crop, factor, axis=0), factor, axis=1)
-    y0, x0 = int(rows[0]) * factor, int(cols[0]) * factor
-    return crop_mask_to_rle(big[:height - y0, :width - x0], x0, y0, height, width)
+    mask = coco_mask.decode(rle_to_pycocotools(rle)).astype(bool)  # the shrunk view's size
+    return enlarged_mask_to_rle(mask, factor, height, width)
 
 
 # -- stitching ----------------------------------------------------------------------------------------

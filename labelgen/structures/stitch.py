@@ -108,6 +108,25 @@ def crop_mask_to_rle(mask_crop: np.ndarray, x0: int, y0: int, height: int, width
     return _runs_to_rle(starts + offset, ends + offset, height, width)
 
 
+def enlarged_mask_to_rle(mask: np.ndarray, factor: int, height: int, width: int) -> RLE:
+    """The full-frame RLE of ``mask`` ``(h, w)`` bool (a view shrunk by ``factor``) enlarged by
+    nearest neighbour (pixel ``(y, x)`` covers ``[y f, (y + 1) f) x [x f, (x + 1) f)``), clipped to the
+    ``height`` x ``width`` frame. Runs are enlarged, not pixels: memory is bounded by the runs."""
+    mask = np.asarray(mask, bool)
+    starts, ends = _column_runs(mask)
+    h = max(mask.shape[0], 1)
+    cols, row0, row1 = starts // h, starts % h, ends - (starts // h) * h
+    k = np.arange(factor, dtype=np.int64)
+    xs = (cols[:, None] * factor + k[None, :]).ravel()
+    y0s = np.repeat(np.minimum(row0 * factor, height), factor)
+    y1s = np.repeat(np.minimum(row1 * factor, height), factor)
+    keep = (xs < width) & (y1s > y0s)
+    xs, y0s, y1s = xs[keep], y0s[keep], y1s[keep]
+    order = np.lexsort((y0s, xs))
+    xs, y0s, y1s = xs[order], y0s[order], y1s[order]
+    return _runs_to_rle(xs * height + y0s, xs * height + y1s, height, width)
+
+
 def box_rle(window: TileWindow, height: int, width: int) -> RLE:
     """The full-frame RLE of the rectangle ``window`` (every pixel inside it set)."""
     if window.x1 > width or window.y1 > height:
@@ -407,4 +426,4 @@ def concat_parts(pieces: Sequence[tuple[int, Instances]], windows: Sequence[Tile
 
 
 __all__ = ["Parts", "StitchRule", "TileWindow", "box_rle", "concat_parts", "crop_mask_to_rle", "cut_flags",
-           "dedupe", "merge_groups", "merge_parts", "shift_rle", "stitch", "stitch_parts", "union_rles"]
+           "dedupe", "enlarged_mask_to_rle", "merge_groups", "merge_parts", "shift_rle", "stitch", "stitch_parts", "union_rles"]
