@@ -105,3 +105,35 @@ def check_strings(name: str, values: Any, *, what: str = "non-empty strings") ->
     for value in values:
         if not isinstance(value, str) or not value.strip():
             raise FieldValueError(name, f"expected a list of {what}; got {value!r} in {list(values)!r}")
+
+
+def check_vocabulary(classes: Any, key: str) -> "typing.Mapping[str, tuple[str, ...]]":
+    """A read-only ``{class name: prompts}`` copy of a recipe vocabulary (``None`` prompts -> ``()``: the class
+    name itself), as the labeler and prompt-driven generators take it; ``key`` (e.g. ``"labeler.classes"``)
+    names it in errors. Class names and prompts must be non-empty strings and no prompt may be listed twice
+    (a prompt names one class)."""
+    from types import MappingProxyType
+
+    if not isinstance(classes, typing.Mapping):
+        raise ConfigError(f"{key}: expected a mapping of class name -> list of prompts, e.g."
+                          f" {{person: [person, pedestrian], dog: []}}; got {type(classes).__name__} {classes!r}")
+    if not classes:
+        raise ConfigError(f"{key}: expected at least one class; got an empty mapping")
+    checked: dict[str, tuple[str, ...]] = {}
+    owner: dict[str, str] = {}  # effective prompt -> the class it belongs to
+    for name, prompts in classes.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{key}: class names must be non-empty strings; got {name!r}")
+        prompts = () if prompts is None else prompts
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise ConfigError(f"{key}.{name}: expected a list of prompts ([] = the class name); got {prompts!r}")
+        for prompt in prompts:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ConfigError(f"{key}.{name}: prompts must be non-empty strings; got {prompt!r}")
+        checked[name] = tuple(prompts)
+        for prompt in checked[name] or (name,):
+            if prompt in owner:
+                where = "twice" if owner[prompt] == name else f"under both {owner[prompt]!r} and {name!r}"
+                raise ConfigError(f"{key}: prompt {prompt!r} is listed {where}; give each prompt once")
+            owner[prompt] = name
+    return MappingProxyType(checked)

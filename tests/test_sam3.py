@@ -109,7 +109,7 @@ def test_registered_with_the_vocabulary_as_class_names():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"classes": {}}, "non-empty mapping"),
+    ({"classes": {}}, "expected at least one class"),
     ({"classes": {"a": ["x"], "b": ["x"]}}, "under both 'a' and 'b'"),
     ({"classes": {"a": "x"}}, "expected a list"),
     ({"prompts_per_batch": 0}, "prompts_per_batch"),

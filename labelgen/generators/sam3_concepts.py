@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 import numpy as np
 
 from ..atomic import sha256_file
-from ..checks import bounded, check_fields, one_of
+from ..checks import bounded, check_fields, check_vocabulary, one_of
 from ..errors import ConfigError, ValidationError
 from ..models.weights import resolve_sam3_checkpoint
 from ..structures.instances import ImageRecord, Instances
@@ -122,26 +122,7 @@ class Sam3Config:
 
 def _check_classes(classes: Any) -> Mapping[str, tuple[str, ...]]:
     """A read-only ``{name: prompts}`` copy (``None`` -> ``()``); names and prompts non-empty, no prompt twice."""
-    if not isinstance(classes, Mapping) or not classes:
-        raise ConfigError("generator.classes: expected a non-empty mapping of class name -> list of prompts, e.g."
-                          f" {{person: [person, pedestrian], dog: []}}; got {classes!r}")
-    checked: dict[str, tuple[str, ...]] = {}
-    owner: dict[str, str] = {}
-    for name, prompts in classes.items():
-        if not isinstance(name, str) or not name.strip():
-            raise ConfigError(f"generator.classes: class names must be non-empty strings; got {name!r}")
-        prompts = () if prompts is None else prompts
-        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) \
-                or not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise ConfigError(f"generator.classes.{name}: expected a list of non-empty prompts ([] = the class"
-                              f" name); got {prompts!r}")
-        checked[name] = tuple(prompts)
-        for prompt in checked[name] or (name,):
-            if prompt in owner:
-                where = "twice" if owner[prompt] == name else f"under both {owner[prompt]!r} and {name!r}"
-                raise ConfigError(f"generator.classes: prompt {prompt!r} is listed {where}; give each prompt once")
-            owner[prompt] = name
-    return MappingProxyType(checked)
+    return check_vocabulary(classes, "generator.classes")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
+from ..checks import check_vocabulary
 from ..errors import ConfigError, ValidationError
 from ..structures.instances import Instances
 from ..structures.masks import rles_to_masks
@@ -93,35 +94,8 @@ class LabelerConfig:
 
 
 def _check_classes(classes: Any) -> Mapping[str, tuple[str, ...]]:
-    """A read-only ``{name: prompts}`` copy; ``None`` prompts become ``()``."""
-    if not isinstance(classes, Mapping):
-        raise ConfigError(
-            "labeler.classes: expected a mapping of class name -> list of prompts, e.g."
-            f" {{person: [person, pedestrian], dog: []}}; got {type(classes).__name__} {classes!r}"
-        )
-    if not classes:
-        raise ConfigError("labeler.classes: expected at least one class; got an empty mapping")
-    checked: dict[str, tuple[str, ...]] = {}
-    owner: dict[str, str] = {}  # effective prompt -> the class it belongs to
-    for name, prompts in classes.items():
-        if not isinstance(name, str) or not name.strip():
-            raise ConfigError(f"labeler.classes: class names must be non-empty strings; got {name!r}")
-        if prompts is None:
-            prompts = ()
-        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
-            raise ConfigError(
-                f"labeler.classes.{name}: expected a list of prompts ([] = the class name); got {prompts!r}"
-            )
-        for prompt in prompts:
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ConfigError(f"labeler.classes.{name}: prompts must be non-empty strings; got {prompt!r}")
-        checked[name] = tuple(prompts)
-        for prompt in checked[name] or (name,):
-            if prompt in owner:
-                where = "twice" if owner[prompt] == name else f"under both {owner[prompt]!r} and {name!r}"
-                raise ConfigError(f"labeler.classes: prompt {prompt!r} is listed {where}; give each prompt once")
-            owner[prompt] = name
-    return MappingProxyType(checked)
+    """A read-only ``{name: prompts}`` copy; ``None`` prompts become ``()`` (``checks.check_vocabulary``)."""
+    return check_vocabulary(classes, "labeler.classes")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
