@@ -213,7 +213,10 @@ def seam_crossing(truth: Instances, windows: Sequence[TileWindow]) -> np.ndarray
 
 
 def measure(truth: Instances, predictions: Instances, windows: Sequence[TileWindow]) -> dict[str, Any]:
-    """AP (segm, pycocotools), recall @ IoU 0.5 of seam-crossing objects, duplicates left."""
+    """AP (segm, pycocotools), recall @ IoU 0.5 (all objects, and those a tile border cuts), and what is
+    left over: ``duplicates`` (a second prediction at IoU >= 0.5 with a matched object), ``fragments``
+    (a prediction >= 80% inside an object another prediction matched, IoU < 0.5) and ``pieces`` (any
+    prediction >= 80% inside one object with IoU < 0.5, whether or not the object was found)."""
     crossing = seam_crossing(truth, windows)
     iou = _iou(predictions, truth)  # (P, G)
     order = np.argsort(-np.asarray(predictions.scores["confidence"], np.float64), kind="stable")
@@ -230,7 +233,8 @@ def measure(truth: Instances, predictions: Instances, windows: Sequence[TileWind
         elif iou.shape[1] and (inside[p] >= 0.8).any() and (matched[inside[p] >= 0.8] >= 0).any():
             fragments += 1
     found = matched >= 0
-    return {"objects": int(len(truth)), "seam_crossing": int(crossing.sum()),
+    pieces = int(((iou.max(axis=1) < 0.5) & (inside >= 0.8).any(axis=1)).sum()) if iou.size else 0
+    return {"objects": int(len(truth)), "seam_crossing": int(crossing.sum()), "pieces": pieces,
             "recall": float(found.mean()) if len(truth) else 0.0,
             "seam_recall": float(found[crossing].mean()) if crossing.any() else 0.0,
             "duplicates": int(duplicates), "fragments": int(fragments), "predictions": int(len(predictions)),
