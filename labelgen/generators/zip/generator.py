@@ -347,11 +347,11 @@ class ZipGenerator(Generator):
         """Mask NMS across classes and overlapping prompts (IoU and intersection-over-smaller).
 
         As released (``discovery.nms_containment: all``, ``duplicate_class: confidence``): one greedy
-        pass by confidence, both criteria across classes. ``nms_containment: same_class``: IoU across
-        classes first, then intersection-over-smaller among masks of one stage-1 class only (a part of
-        an object goes; food in a bowl stays). ``duplicate_class: evidence``: of a mask and the masks
-        its IoU suppressed, the one with the highest ``activated_fraction`` is kept (its class, mask
-        and scores; ties: the most confident).
+        pass by confidence, both criteria across classes. With either option: IoU NMS across classes
+        first, then intersection-over-smaller NMS, across classes (``all``) or among masks of one
+        stage-1 class only (``same_class``: a part of an object goes, food in a bowl stays).
+        ``duplicate_class: evidence``: of a mask and the masks its IoU suppressed, the one with the
+        highest ``activated_fraction`` is kept (its class, mask and scores; ties: the most confident).
         """
         if len(instances) < 2:
             return instances
@@ -359,16 +359,15 @@ class ZipGenerator(Generator):
         if discovery.nms_containment == "all" and discovery.duplicate_class == "confidence":
             keep, _ = mask_nms(list(instances.masks_rle), instances.scores["confidence"], cfg.nms_iou, cfg.nms_ios)
             return instances[np.sort(keep)]
-        ios_first = cfg.nms_ios if discovery.nms_containment == "all" else 1.0
-        keep, suppressed_by = mask_nms(list(instances.masks_rle), instances.scores["confidence"], cfg.nms_iou,
-                                       ios_first)
+        keep, suppressed_by = mask_nms(list(instances.masks_rle), instances.scores["confidence"], cfg.nms_iou, 1.0)
         if discovery.duplicate_class == "evidence":
             keep = _best_evidence(keep, suppressed_by, instances.scores["activated_fraction"])
         instances = instances[np.sort(keep)]
-        if discovery.nms_containment == "same_class" and cfg.nms_ios < 1.0 and len(instances) > 1:
-            classes = np.asarray(instances.attributes["semantic_class_id"], np.int64)
+        if cfg.nms_ios < 1.0 and len(instances) > 1:  # then containment: across classes, or within one
+            same_class = discovery.nms_containment == "same_class"
+            classes = np.asarray(instances.attributes["semantic_class_id"], np.int64) if same_class else None
             keep, _ = mask_nms(list(instances.masks_rle), instances.scores["confidence"], 1.0, cfg.nms_ios,
-                               class_ids=classes, across_classes=False)
+                               class_ids=classes, across_classes=not same_class)
             instances = instances[np.sort(keep)]
         return instances
 
