@@ -14,6 +14,7 @@ objects a tile border cuts, duplicates and fragments left.
 
 Rerun (the figures in docs/benchmarks.md, "Tiling"):
   .venv/bin/python bench/bench_tiling.py tiff --size 20000 --tile 2048 --overlap 128
+  tiling's own memory: add --recipe recipes/fake-smoke.yaml --set generator.instances_per_image=8
   .venv/bin/python bench/bench_tiling.py mosaic --grid 4 8
 """
 from __future__ import annotations
@@ -99,7 +100,9 @@ def bench_tiff(args: argparse.Namespace) -> dict:
         write_tiff(path, args.size)
         print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - started:.0f} s",
               flush=True)
-    recipe = load_recipe(args.recipe)
+    import labelgen.testing  # noqa: F401  registers the model-free `fake` generator (--recipe recipes/fake-smoke.yaml)
+
+    recipe = load_recipe(args.recipe, args.set)
     data = recipe.to_dict()
     data["images"] = {**data["images"], "compute_sha256": False, "tiling": {
         "mode": "auto", "tile_size": args.tile, "overlap": args.overlap, "global_pass": args.global_pass}}
@@ -155,6 +158,7 @@ def main() -> None:
     tiff.add_argument("--tile", type=int, default=2048)
     tiff.add_argument("--overlap", type=int, default=128)
     tiff.add_argument("--recipe", default="recipes/zip-tiny-random.yaml")
+    tiff.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides")
     tiff.add_argument("--batch-size", type=int, default=1)
     tiff.add_argument("--global-pass", action="store_true")
     tiff.add_argument("--workdir", default="")
