@@ -164,10 +164,13 @@ def test_sixteen_bit_gray_tiff_is_scaled_like_the_whole_decode(tmp_path):
     assert np.array_equal(reader.read_window_xyxy(0, 0, 70, 90), np.repeat((gray >> 8).astype(np.uint8)[..., None], 3, 2))
 
 
-def test_region_reading_keeps_the_pixel_guard_and_skips_other_formats(tmp_path):
+def test_region_reading_keeps_the_pixel_guard_and_skips_other_formats(tmp_path, monkeypatch):
     Image.fromarray(blob_image(40, 50)).save(tmp_path / "a.png")
     tifffile.imwrite(tmp_path / "big.tif", np.zeros((200, 300, 3), np.uint8), tile=(64, 64))
     assert open_tiff_regions(tmp_path / "a.png") is None  # decoded whole by Pillow instead
+    tifffile.imwrite(tmp_path / "one-strip.tif", np.zeros((200, 300, 3), np.uint8), rowsperstrip=200)
+    monkeypatch.setattr("labelgen.engine.decode._MAX_SEGMENT_PIXELS", 200 * 300 - 1)
+    assert open_tiff_regions(tmp_path / "one-strip.tif") is None  # a segment over the cap: not by region
     with pytest.raises(ImageDecodeError) as err:
         open_tiff_regions(tmp_path / "big.tif", max_pixels=1000)
     assert err.value.reason == "too_large" and "60000 pixels" in str(err.value)

@@ -388,6 +388,7 @@ def _lab_to_rgb(image: Image.Image) -> Image.Image:
 # -- tiled / striped TIFF read region by region (tiling) --------------------------------------------
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF, both byte orders
 _NO_FILE_CAP = 1 << 62  # a region reader holds one segment at a time, not the file
+_MAX_SEGMENT_PIXELS = 1 << 26  # a TIFF tile or strip larger than this (64 MP) is not read by region
 
 
 def open_tiff_regions(path: str | os.PathLike[str], *, max_pixels: int = 200_000_000,
@@ -397,7 +398,7 @@ def open_tiff_regions(path: str | os.PathLike[str], *, max_pixels: int = 200_000
 
     Handled: the first page of a classic or Big TIFF, tiled or in strips, chunky (or one sample),
     8- or 16-bit unsigned gray, gray + alpha, RGB or RGBA, orientation 1, any compression tifffile
-    decodes. Raises ``ImageDecodeError`` (``too_large`` over ``max_pixels``, the file reasons of
+    decodes, TIFF tiles or strips of at most 64 megapixels (one segment is what a window read holds). Raises ``ImageDecodeError`` (``too_large`` over ``max_pixels``, the file reasons of
     ``check_image_file``, ``truncated`` for a corrupt header).
     """
     name = os.fspath(path)
@@ -475,6 +476,7 @@ class TiffRegions:
                 and int(page.photometric) in (1, 2) and self.samples in (1, 2, 3, 4)
                 and (self.samples == 1 or int(page.planarconfig) == 1)
                 and (orientation is None or int(orientation.value) == 1)
+                and self.seg_h * self.seg_w <= _MAX_SEGMENT_PIXELS
                 and len(page.dataoffsets) == -(-self.height // self.seg_h) * self.across)
 
     def read_window(self, window: Any) -> np.ndarray:

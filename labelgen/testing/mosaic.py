@@ -299,7 +299,7 @@ def shifted_to_mosaic(per_image: Sequence[tuple[Placement, Instances]], layout: 
 
 
 __all__ = ["Layout", "MosaicOracleConfig", "MosaicOracleGenerator", "Placement", "build_mosaic", "coco_ap",
-           "measure", "mosaic_truth", "plan_tiles", "seam_crossing", "shifted_to_mosaic", "window_truth"]
+           "measure", "mosaic_check", "mosaic_truth", "seam_crossing", "shifted_to_mosaic", "window_truth"]
 
 
 ORACLE_PARAMS = {  # the recipe of tests/test_oracle_pipeline.py, but with a fixed minimum instance size:
