@@ -6,6 +6,9 @@ which also pays one-time costs such as text embeddings) and the peak RSS. Stage 
 SAM's image encoder and its batched box decoder; when random weights propose no box, the decoder is
 timed on 8 fixed boxes so that it is always measured.
 
+A recipe may carry overrides after a colon, to compare variants side by side in one run:
+  recipes/zip-cpu.yaml:generator.sam.attention=reference,generator.fidelity=release
+
 Rerun (about 15 minutes on 2 CPU cores):
   .venv/bin/python bench/bench_zip.py --recipes recipes/zip-paper.yaml recipes/zip-cpu.yaml --precisions fp32 bf16
 GPU:  add --device cuda
@@ -28,9 +31,10 @@ from labelgen.config import load_recipe
 from labelgen.engine.decode import read_image_rgb
 from labelgen.generators import GENERATORS
 
-recipe_path, precision, device, images = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+spec, precision, device, images = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+recipe_path, _, extra = spec.partition(":")
 overrides = ["generator.random_weights=true", "generator.allow_download=false", f"generator.precision={precision}",
-             "generator.semantic.class_threshold=0.0"]
+             "generator.semantic.class_threshold=0.0"] + [o for o in extra.split(",") if o]
 recipe = load_recipe(recipe_path, overrides)
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 t0 = time.perf_counter()
@@ -88,7 +92,8 @@ def main() -> None:
             timed = report["images"][1:] or report["images"]
             means = {s: sum(r[s] for r in timed) / len(timed) for s in STAGES}
             peak = max(r[f"{s}_peak_rss_mib"] for r in report["images"] for s in STAGES)
-            print(f"{Path(recipe).stem:<22}{precision:<6}{report['build_s']:>8.1f}"
+            name = Path(recipe.partition(":")[0]).stem + (f" [{recipe.partition(':')[2]}]" if ":" in recipe else "")
+            print(f"{name:<22}{precision:<6}{report['build_s']:>8.1f}"
                   + "".join(f"{means[s]:>13.2f}" for s in STAGES)
                   + f"{sum(means.values()):>9.1f}{peak:>14.0f}", flush=True)
             print(f"    grids {[r['grid'] for r in report['images']]}, boxes {[r['boxes'] for r in report['images']]},"

@@ -166,7 +166,8 @@ def test_real_architectures_random_weights_through_the_cli(tmp_path, coco128_ima
     rows = list(RunStore(out).iter_rows())
     assert [r["status"] for r in rows] == ["ok", "ok"]
     record = json.loads((out / "shards" / "000000.done.json").read_text())
-    assert record["provenance"]["semantic"] == {"model": "ViT-B-16", "weights": "RANDOM"}
+    # OpenAI-format weights (pretrained: openai) are built with QuickGELU, random or not (issue 17)
+    assert record["provenance"]["semantic"] == {"model": "ViT-B-16", "weights": "RANDOM", "activation": "quick_gelu"}
     assert record["provenance"]["boundary"]["model"] == "RN50x64" and record["provenance"]["sam"]["model_type"] == "vit_b"
 
 

@@ -184,7 +184,7 @@ def _wrong_shape(sam):
 @pytest.mark.parametrize(
     "make_payload, message",
     [
-        (_pickled_object, "refusing SAM checkpoint"),
+        (_pickled_object, "refusing SAM tiny checkpoint"),
         (lambda sam: [1, 2, 3], "must hold a state dict"),
         (_missing_key, "1 missing keys"),
         (_wrong_shape, "does not fit the tiny architecture"),
