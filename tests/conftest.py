@@ -92,3 +92,26 @@ def plugin_imported(name):
         generators._LOADED.update(saved[1])
         if not saved[2]:
             sys.modules.pop(name, None)
+
+
+def assert_fiftyone_export_keeps_scores(fiftyone_db, dataset_name, run_dir, column):
+    """Export ``run_dir`` to FiftyOne (the real MongoDB) and check every detection keeps ``column`` and
+    ``confidence`` exactly as the run stored them."""
+    import numpy as np
+
+    from labelgen.cli import main
+    from labelgen.exports.fiftyone import FIELD
+    from labelgen.store.run_store import RunStore
+    from labelgen.structures.instances import Instances
+
+    assert main(["export", str(run_dir), "--format", "fiftyone", "--dataset", dataset_name]) == 0
+    dataset = fiftyone_db.load_dataset(dataset_name)
+    rows = {r["image"]["image_id"]: Instances.from_dict(r["instances"]) for r in RunStore(run_dir).iter_rows()}
+    assert len(dataset) == len(rows)
+    for sample in dataset:
+        instances = rows[sample["labelgen_image_id"]]
+        detections = sample[FIELD].detections
+        assert len(detections) == len(instances)
+        for i, detection in enumerate(detections):
+            assert np.float32(detection[column]) == instances.scores[column][i]
+            assert np.float32(detection.confidence) == instances.scores["confidence"][i]

@@ -20,11 +20,10 @@ pytest.importorskip("sam2")
 
 import torch  # noqa: E402
 
-from conftest import REPO, needs_models  # noqa: E402
+from conftest import REPO, assert_fiftyone_export_keeps_scores, needs_models  # noqa: E402
 from labelgen.cli import main  # noqa: E402
 from labelgen.config import load_recipe  # noqa: E402
 from labelgen.engine.decode import read_image_rgb  # noqa: E402
-from labelgen.exports.fiftyone import FIELD  # noqa: E402
 from labelgen.errors import ConfigError, GeneratorError, ValidationError, WeightsNotFoundError  # noqa: E402
 from labelgen.generators import GENERATORS  # noqa: E402
 from labelgen.generators.sam2_auto import Sam2AutoConfig, Sam2AutoGenerator  # noqa: E402
@@ -331,17 +330,7 @@ def test_fiftyone_export_keeps_every_score(finished_run, request):
     if generator != "zip":
         pytest.skip("one FiftyOne round trip is enough (the zip-sam2 run)")
     fiftyone_db, dataset_name = request.getfixturevalue("fiftyone_db"), request.getfixturevalue("dataset_name")
-    assert main(["export", str(root), "--format", "fiftyone", "--dataset", dataset_name]) == 0
-    dataset = fiftyone_db.load_dataset(dataset_name)
-    rows = {r["image"]["image_id"]: Instances.from_dict(r["instances"]) for r in RunStore(root).iter_rows()}
-    assert len(dataset) == len(rows)
-    for sample in dataset:
-        instances = rows[sample["labelgen_image_id"]]
-        detections = sample[FIELD].detections
-        assert len(detections) == len(instances)
-        for i, detection in enumerate(detections):
-            assert np.float32(detection["sam_predicted_iou"]) == instances.scores["sam_predicted_iou"][i]
-            assert np.float32(detection.confidence) == instances.scores["confidence"][i]
+    assert_fiftyone_export_keeps_scores(fiftyone_db, dataset_name, root, "sam_predicted_iou")
 
 
 @pytest.mark.parametrize("recipe, key", [("sam2-auto", "generator.checkpoint"), ("zip-sam2", "generator.sam.checkpoint")])

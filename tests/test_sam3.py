@@ -16,12 +16,11 @@ pytest.importorskip("sam3")
 
 import torch  # noqa: E402
 
-from conftest import REPO, needs_models  # noqa: E402
+from conftest import REPO, assert_fiftyone_export_keeps_scores, needs_models  # noqa: E402
 from labelgen.cli import main  # noqa: E402
 from labelgen.config import load_recipe  # noqa: E402
 from labelgen.engine.decode import read_image_rgb  # noqa: E402
 from labelgen.errors import ConfigError, GeneratorError, WeightsNotFoundError  # noqa: E402
-from labelgen.exports.fiftyone import FIELD  # noqa: E402
 from labelgen.generators import GENERATORS  # noqa: E402
 from labelgen.generators.sam3_concepts import KeptQueries, Sam3Config, Sam3Generator  # noqa: E402
 from labelgen.models.sam3 import (SAM3_IMAGE, TINY_SAM3, build_sam3_image, count_parameters,  # noqa: E402
@@ -402,17 +401,7 @@ def test_exports_to_coco_and_yolo_with_class_names(finished_run, tmp_path):
 
 def test_fiftyone_export_keeps_every_score(finished_run, fiftyone_db, dataset_name):
     _, root = finished_run
-    assert main(["export", str(root), "--format", "fiftyone", "--dataset", dataset_name]) == 0
-    dataset = fiftyone_db.load_dataset(dataset_name)
-    rows = {r["image"]["image_id"]: Instances.from_dict(r["instances"]) for r in RunStore(root).iter_rows()}
-    assert len(dataset) == len(rows)
-    for sample in dataset:
-        instances = rows[sample["labelgen_image_id"]]
-        detections = sample[FIELD].detections
-        assert len(detections) == len(instances)
-        for i, detection in enumerate(detections):
-            assert np.float32(detection["sam3_presence_score"]) == instances.scores["sam3_presence_score"][i]
-            assert np.float32(detection.confidence) == instances.scores["confidence"][i]
+    assert_fiftyone_export_keeps_scores(fiftyone_db, dataset_name, root, "sam3_presence_score")
 
 
 def test_real_recipe_stops_at_once_offline(tmp_path, monkeypatch, capsys, coco128_images):
