@@ -45,7 +45,9 @@ def sync(device: str) -> None:
 
 
 def timed(fn, repeats: int, device: str) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up run."""
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up run (NaN, nothing run, for 0)."""
+    if repeats <= 0:
+        return float("nan")
     fn()
     sync(device)
     times = []
@@ -93,7 +95,10 @@ def build_generator(recipe_path: str, precision: str, device: str):
     return GENERATORS.get(recipe.generator.name).from_config(recipe.generator.params, device=device)
 
 
-def encoder_rows(gen, image: np.ndarray, precision: str, peak: float, repeats: int, device: str) -> list[dict]:
+def encoder_rows(gen, image: np.ndarray, precision: str, peak: float, repeats: int, device: str,
+                 flops: dict[str, int]) -> list[dict]:
+    """One row per encoder; ``flops`` (name -> FLOPs per image) is filled on the first (fp32) call and reused:
+    FLOPs do not depend on the precision, and the counter cannot follow bf16 autocast through every op."""
     from labelgen.models.sam_fast import restore_reference_attention, use_fast_attention
 
     rows = []
@@ -108,11 +113,11 @@ def encoder_rows(gen, image: np.ndarray, precision: str, peak: float, repeats: i
     restore_reference_attention(encoder)
     work.append((sam_name + " (reference)", lambda: refiner.embed_batch([image])))
     for name, fn in work:
-        rows.append(_measure(name, fn, precision, peak, repeats, device))
+        rows.append(_measure(name, fn, precision, peak, repeats, device, flops))
     reference = refiner.embed_batch([image])[0].float()
     use_fast_attention(encoder)
     fast_row = _measure(sam_name + " (fast: SDPA + bias mask)", lambda: refiner.embed_batch([image]), precision,
-                        peak, repeats, device)
+                        peak, repeats, device, flops, flops_of=sam_name + " (reference)")
     fast = refiner.embed_batch([image])[0].float()
     fast_row["max_abs_diff"] = float((fast - reference).abs().max())
     fast_row["mask_iou"] = _mask_iou(refiner, image, reference, fast)
@@ -121,11 +126,14 @@ def encoder_rows(gen, image: np.ndarray, precision: str, peak: float, repeats: i
     return rows
 
 
-def _measure(name: str, fn, precision: str, peak: float, repeats: int, device: str) -> dict:
-    flops = count_flops(fn)
+def _measure(name: str, fn, precision: str, peak: float, repeats: int, device: str, flops: dict[str, int],
+             flops_of: str | None = None) -> dict:
+    key = flops_of or name  # the fast SAM path does the reference's work: its FLOPs are the reference's
+    if key not in flops:
+        flops[key] = count_flops(fn)
     seconds = timed(fn, repeats, device)
-    gflops = flops / seconds / 1e9
-    return {"encoder": name, "precision": precision, "gflop": flops / 1e9, "seconds": seconds,
+    gflops = flops[key] / seconds / 1e9
+    return {"encoder": name, "precision": precision, "gflop": flops[key] / 1e9, "seconds": seconds,
             "gflop_s": gflops, "fraction_of_peak": gflops / peak}
 
 
@@ -225,6 +233,11 @@ def main() -> None:
     image, _ = read_image_rgb(str(COCO / args.image))
     print(f"{args.recipe} on {args.device}, image {args.image} {image.shape[1]}x{image.shape[0]}; random weights")
     gen = None
+    flops: dict[str, int] = {}
+    if not args.skip_encoders:  # FLOPs counted once, in fp32 (see encoder_rows)
+        counting = build_generator(args.recipe, "fp32", args.device)
+        encoder_rows(counting, image, "fp32", 1.0, 0, args.device, flops)
+        del counting
     for precision in args.precisions:
         peak = matmul_peak(precision, args.peak_size, args.device)
         print(f"\nmatmul peak {precision}: {peak:.0f} GFLOP/s ({args.peak_size}^2 GEMM, best of 5)")
@@ -233,7 +246,7 @@ def main() -> None:
         gen = build_generator(args.recipe, precision, args.device)
         print(f"| encoder | precision | GFLOP/image | s/image | GFLOP/s | fraction of peak | notes |")
         print("|---|---|---|---|---|---|---|")
-        for row in encoder_rows(gen, image, precision, peak, args.repeats, args.device):
+        for row in encoder_rows(gen, image, precision, peak, args.repeats, args.device, flops):
             notes = ""
             if "max_abs_diff" in row:
                 notes = f"max abs diff {row['max_abs_diff']:.2e}, mask IoU {row['mask_iou']:.4f}"
