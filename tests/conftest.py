@@ -115,3 +115,30 @@ def assert_fiftyone_export_keeps_scores(fiftyone_db, dataset_name, run_dir, colu
         for i, detection in enumerate(detections):
             assert np.float32(detection[column]) == instances.scores[column][i]
             assert np.float32(detection.confidence) == instances.scores["confidence"][i]
+
+
+def kill_9_after_first_shard(cmd, out, *, env=None, timeout=180.0):
+    """Start ``cmd`` (a ``labelgen run`` into ``out``) in its own session, ``kill -9`` the whole group as soon
+    as one shard is committed, and return how many were committed then. Asserts the run was really cut short
+    (killed by the signal) and that a shard was committed before."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = env or {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "labelgen.cli", *cmd] if cmd[0] == "run" else cmd
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    committed = lambda: len(list((Path(out) / "shards").glob("*.done.json")))  # noqa: E731
+    deadline = time.monotonic() + timeout
+    try:
+        while committed() < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done = committed()
+    assert done >= 1, "no shard committed before the kill"
+    return done

@@ -5,11 +5,7 @@ through `labelgen run` (kill -9 and resume, COCO / YOLO / FiftyOne exports, offl
 import dataclasses
 import json
 import logging
-import os
 import pickle
-import signal
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -20,7 +16,7 @@ pytest.importorskip("sam2")
 
 import torch  # noqa: E402
 
-from conftest import REPO, assert_fiftyone_export_keeps_scores, needs_models  # noqa: E402
+from conftest import REPO, assert_fiftyone_export_keeps_scores, needs_models, kill_9_after_first_shard  # noqa: E402
 from labelgen.cli import main  # noqa: E402
 from labelgen.config import load_recipe  # noqa: E402
 from labelgen.engine.decode import read_image_rgb  # noqa: E402
@@ -34,7 +30,6 @@ from labelgen.models.sam2 import SAM2_PUBLISHED_MILLIONS, build_sam2, feature_si
 from labelgen.store.run_store import RunStore  # noqa: E402
 from labelgen.structures.instances import ImageRecord, Instances  # noqa: E402
 from test_kill_resume import _rows  # noqa: E402
-from test_stale_lock import _wait_for  # noqa: E402
 
 pytestmark = [needs_models, pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")]
 
@@ -297,15 +292,7 @@ def test_run_records_every_image_with_instances(finished_run):
 def test_kill_9_then_resume_gives_identical_records(finished_run, tmp_path):
     generator, listing, reference = finished_run
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "labelgen.cli", *_run_args(RECIPES[generator], listing, out)],
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        assert _wait_for(lambda: any((out / "shards").glob("*.done.json")), timeout=180), "no shard committed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_9_after_first_shard(_run_args(RECIPES[generator], listing, out), out)
     assert len(list((out / "shards").glob("*.done.json"))) < len(RUN_IMAGES)
     assert main(_run_args(RECIPES[generator], listing, out)) == 0
     assert _rows(out) == _rows(reference)

@@ -3,9 +3,6 @@ architecture's size), the sam3 generator (prompts -> classes, scores, chunked an
 NMS of nested duplicates on hand-built masks), and the tiny recipe through `labelgen run`
 (kill -9 and resume, COCO / YOLO / FiftyOne exports), and the offline error of the real recipe."""
 import json
-import os
-import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -16,7 +13,7 @@ pytest.importorskip("sam3")
 
 import torch  # noqa: E402
 
-from conftest import REPO, assert_fiftyone_export_keeps_scores, needs_models  # noqa: E402
+from conftest import REPO, assert_fiftyone_export_keeps_scores, needs_models, kill_9_after_first_shard  # noqa: E402
 from labelgen.cli import main  # noqa: E402
 from labelgen.config import load_recipe  # noqa: E402
 from labelgen.engine.decode import read_image_rgb  # noqa: E402
@@ -29,7 +26,6 @@ from labelgen.store.run_store import RunStore  # noqa: E402
 from labelgen.structures.instances import ImageRecord, Instances  # noqa: E402
 from labelgen.structures.masks import rle_areas, rles_to_masks  # noqa: E402
 from test_kill_resume import _rows  # noqa: E402
-from test_stale_lock import _wait_for  # noqa: E402
 
 pytestmark = [needs_models, pytest.mark.filterwarnings("ignore::FutureWarning"),
               pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")]
@@ -372,15 +368,7 @@ def test_run_records_every_image_with_classes_and_scores(finished_run):
 def test_kill_9_then_resume_gives_identical_records(finished_run, tmp_path):
     listing, reference = finished_run
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "labelgen.cli", *_run_args(listing, out)],
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        assert _wait_for(lambda: any((out / "shards").glob("*.done.json")), timeout=180), "no shard committed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_9_after_first_shard(_run_args(listing, out), out)
     assert len(list((out / "shards").glob("*.done.json"))) < len(IMAGES)
     assert main(_run_args(listing, out)) == 0
     assert _rows(out) == _rows(reference)

@@ -7,10 +7,8 @@ import gzip
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ from labelgen.structures.instances import ImageRecord, Instances
 from labelgen.structures.stitch import TileWindow
 from labelgen.testing import fake_recipe_dict
 
-from conftest import COCO128, plugin_imported
+from conftest import COCO128, plugin_imported, kill_9_after_first_shard
 
 tifffile = pytest.importorskip("tifffile")
 REPO = Path(__file__).resolve().parents[1]
@@ -311,15 +309,7 @@ def tiled_reference(tiled_images, tmp_path_factory):
 
 def test_a_tiled_run_resumed_after_kill_9_gives_identical_records(tiled_images, tiled_reference, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(tiled_images, out, 0.03), env=_env(), cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while _committed(out) < 1 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    done_before = _committed(out)
+    done_before = kill_9_after_first_shard(_cmd(tiled_images, out, 0.03), out, env=_env(), timeout=120)
     assert 1 <= done_before < 4
     resumed = subprocess.run(_cmd(tiled_images, out, 0.03), env=_env(), cwd=REPO, capture_output=True, text=True,
                              timeout=300)

@@ -77,6 +77,21 @@ class YoloImportLayout:
     records: list[ImageRecord]
     failures: dict[str, dict]
 
+    def dataset(self, task: str, split: str | None, spec: dict[str, Any],
+                read: Callable[[Path, ImageRecord, str, int], Instances]) -> "ImportedDataset":
+        """The ``ImportedDataset`` of this layout: ``read(label_file, record, task, num_classes)`` gives an
+        image's instances from ``labels/<image id>.txt``; ``spec`` is added to the run's import spec."""
+        names, labels_dir, failures = self.names, self.labels_dir, self.failures
+        full_spec = {**self.folder.describe(), "import": {"format": "yolo", "yaml": self.yaml_path, "split": split,
+                                                          "task": task, **spec}}
+
+        def load(record: ImageRecord) -> Row:
+            if record.image_id in failures:
+                return Row(record, failure=failures[record.image_id])
+            return Row(record, read((labels_dir / record.image_id).with_suffix(".txt"), record, task, len(names)))
+
+        return ImportedDataset(names, full_spec, tuple(self.records), load)
+
 
 def yolo_import_layout(root: str | os.PathLike[str], split: str | None, task: str,
                        class_names: Sequence[str] | None) -> YoloImportLayout:
@@ -109,17 +124,7 @@ def import_yolo(root: str | os.PathLike[str], *, split: str | None = None,
     replaced by ``labels``); an image without a label file has no instances.
     """
     layout = yolo_import_layout(root, split, task, class_names)
-    names, labels_dir, records, failures = layout.names, layout.labels_dir, layout.records, layout.failures
-    spec = {**layout.folder.describe(), "import": {"format": "yolo", "yaml": layout.yaml_path, "split": split,
-                                                   "task": task, "labels": str(labels_dir)}}
-
-    def load(record: ImageRecord) -> Row:
-        if record.image_id in failures:
-            return Row(record, failure=failures[record.image_id])
-        label = (labels_dir / record.image_id).with_suffix(".txt")
-        return Row(record, _read_yolo_labels(label, record, task, len(names)))
-
-    return ImportedDataset(names, spec, tuple(records), load)
+    return layout.dataset(task, split, {"labels": str(layout.labels_dir)}, _read_yolo_labels)
 
 
 def _yolo_layout(root: Path, split: str | None) -> tuple[Path, tuple[str, ...], str | None]:

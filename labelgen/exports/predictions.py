@@ -129,18 +129,8 @@ def import_yolo_predictions(root: str | os.PathLike[str], *, split: str | None =
     """YOLO label files whose every line ends with a confidence in [0, 1] (``cls cx cy w h conf`` or
     ``cls x1 y1 ... xn yn conf``); layout, ``split``, ``task`` and ``class_names`` as ``import_yolo``."""
     layout = yolo_import_layout(root, split, task, class_names)
-    names, labels_dir, records, failures = layout.names, layout.labels_dir, layout.records, layout.failures
-    spec = {**layout.folder.describe(), "import": {"format": "yolo", "yaml": layout.yaml_path, "split": split,
-                                                   "task": task, "labels": PREDICTIONS,
-                                                   "predictions": str(labels_dir), "layout": "confidence column"}}
-
-    def load(record: ImageRecord) -> Row:
-        if record.image_id in failures:
-            return Row(record, failure=failures[record.image_id])
-        label = (labels_dir / record.image_id).with_suffix(".txt")
-        return Row(record, _read_yolo_predictions(label, record, task, len(names)))
-
-    return ImportedDataset(names, spec, tuple(records), load)
+    spec = {"labels": PREDICTIONS, "predictions": str(layout.labels_dir), "layout": "confidence column"}
+    return layout.dataset(task, split, spec, _read_yolo_predictions)
 
 
 def _read_yolo_predictions(path: Path, record: ImageRecord, task: str, num_classes: int) -> Instances:
