@@ -420,3 +420,31 @@ def test_duplicate_class_chosen_by_fragment_evidence(rule, kept_class):
     instances = _instances([mask, mask], classes=[0, 1], confidence=[0.6, 0.5], evidence=[0.35, 0.9])
     result = _nms_generator(duplicate_class=rule)._suppress_duplicates(instances)
     assert result.class_ids.tolist() == [kept_class]
+
+
+@pytest.mark.parametrize("num_points, dim, k, dtype", [
+    (21760 // 8, 2560 // 8, 20, torch.float32),  # the paper's grid shape, scaled down
+    (3000, 1280, 20, torch.float32),
+    (997, 33, 7, torch.float64),
+    (26, 5, 3, torch.float32),   # just above cdist's direct-kernel threshold
+    (25, 5, 25, torch.float32),  # at it: the direct kernel
+    (12, 3, 30, torch.float32),  # more centroids than rows: the product path again
+])
+def test_release_distances_are_cdists_bits(num_points, dim, k, dtype):
+    from labelgen.generators.zip.kmeans import _ReleaseDistances
+    generator = torch.Generator().manual_seed(num_points)
+    features = (torch.randn(num_points, dim, generator=generator) * 5 + 30).to(dtype)
+    distances = _ReleaseDistances(features)
+    for step in range(3):  # the cached factor is reused across calls
+        centroids = features[torch.randperm(num_points, generator=generator)[: min(k, num_points)]] + step
+        assert torch.equal(distances(centroids), torch.cdist(features, centroids, p=2))
+
+
+def test_release_kmeans_matches_the_release_at_a_larger_grid():
+    generator = torch.Generator().manual_seed(7)
+    centres = torch.randn(12, 256, generator=generator) * 3 + 10
+    features = (centres[torch.randint(0, 12, (4000,), generator=generator)]
+                + torch.randn(4000, 256, generator=generator) * 2).abs().contiguous()
+    expected = _release_kmeans(features.clone(), 20)
+    got = kmeans_release(features.clone(), 20, 100, 1e-5)
+    assert got[2] == expected[2] and torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
