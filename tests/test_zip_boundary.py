@@ -315,3 +315,30 @@ def test_rn50x64_layer3_is_2048_channels_at_stride_16():
         features = layer3_features(trunk, images)
     assert features.shape == (1, 2048, 20, 30)
     assert torch.isfinite(features).all()
+
+
+@pytest.mark.parametrize("precision, atol", [("fp32", 1e-5), ("bf16", 0.1)])
+def test_fast_stage_runs_channels_last_and_matches_the_nchw_trunk(coco_image, precision, atol):
+    """``fidelity: fast`` runs the trunk channels-last; its features equal the NCHW trunk's within float
+    rounding (bf16: within bf16 rounding), the k-means view of them is free, and ``release`` stays NCHW."""
+    open_clip.add_model_config(Path(labelgen.__file__).parent / "model_configs" / f"{TINY}.json")
+    torch.manual_seed(0)
+    fast_model = open_clip.create_model(TINY, pretrained=None).eval()
+    torch.manual_seed(0)
+    nchw_model = open_clip.create_model(TINY, pretrained=None).eval()
+    config = BoundaryConfig(short_side=256, num_clusters=20)
+    fast = BoundaryStage(fast_model, config, precision=precision, fidelity="fast")
+    release = BoundaryStage(nchw_model, config, precision=precision, fidelity="release")
+    assert fast.trunk.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert release.trunk.conv1.weight.is_contiguous()
+    features = fast.encode_batch([coco_image])[0]
+    assert features.is_contiguous(memory_format=torch.channels_last) and features.dtype == torch.float32
+    images, _ = resize_for_boundary(coco_image, 256, config.max_long_side, "fast")
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        expected = layer3_features(nchw_model.visual, images).float()
+    assert features.shape == expected.shape
+    assert float((features - expected).abs().max()) <= atol * max(1.0, float(expected.abs().max()))
+    # the host copy (the feature cache's) clusters exactly like the live channels-last tensor
+    live = fast.cluster(features, *coco_image.shape[:2])
+    host = fast.cluster(np.ascontiguousarray(features.numpy()), *coco_image.shape[:2])
+    assert np.array_equal(live.labels, host.labels) and live.iterations == host.iterations
