@@ -60,11 +60,45 @@ def timed(fn, repeats: int, device: str) -> float:
 
 
 def count_flops(fn) -> int:
+    """FLOPs of ``fn()``, fused attention included: the counter has no formula for the CPU flash kernel, so
+    ``scaled_dot_product_attention`` runs as its math decomposition (matmuls the counter sees) while counting."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        fn()
+    return int(counter.get_total_flops())
+
+
+def fused_attention_flops(fn) -> int:
+    """FLOPs of ``fn()``'s ``scaled_dot_product_attention`` calls alone (total minus what the counter sees
+    with the fused kernels, which it does not count)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
         fn()
-    return int(counter.get_total_flops())
+    return count_flops(fn) - int(counter.get_total_flops())
+
+
+_GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
+             "aten::convolution_overrideable", "aten::_convolution", "aten::mkldnn_rnn", "aten::_mkldnn_linear")
+_ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention",
+                  "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention")
+
+
+def time_split(fn) -> dict[str, float]:
+    """Seconds of one ``fn()`` by kind of op (self time, CPU profiler): matrix products and convolutions,
+    fused attention, everything else (norms, activations, copies, softmax of unfused attention...)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    split = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        kind = "gemm" if event.key in _GEMM_OPS else "attention" if event.key in _ATTENTION_OPS else "other"
+        split[kind] += event.self_cpu_time_total / 1e6
+    return split
 
 
 def matmul_peak(precision: str, size: int, device: str) -> float:
@@ -99,21 +133,40 @@ def encoder_rows(gen, image: np.ndarray, precision: str, peak: float, repeats: i
                  flops: dict[str, int]) -> list[dict]:
     """One row per encoder; ``flops`` (name -> FLOPs per image) is filled on the first (fp32) call and reused:
     FLOPs do not depend on the precision, and the counter cannot follow bf16 autocast through every op."""
+    import torch
+
     from labelgen.models.sam_fast import restore_reference_attention, use_fast_attention
 
     rows = []
     semantic, boundary, refiner = gen.semantic, gen.boundary, gen.refiner
     cfg = gen.config
-    work = [
-        (f"stage 1 CLIP {cfg.semantic.model} @{cfg.semantic.input_size}", lambda: semantic.encode_batch([image])),
-        (f"stage 2 CLIP {cfg.boundary.model} layer3 @{cfg.boundary.short_side}", lambda: boundary.encode_batch([image])),
-    ]
+    stage1 = f"stage 1 CLIP {cfg.semantic.model} @{cfg.semantic.input_size}"
+    if device == "cpu" and precision in ("bf16", "fp16"):  # before: the fused SDPA kernel; now blocked attention
+        from labelgen.generators.zip import semantic as semantic_module
+
+        chooser = semantic_module.use_blocked_attention
+        semantic_module.use_blocked_attention = lambda q: False
+        try:
+            rows.append(_measure(stage1 + " (fused SDPA)", lambda: semantic.encode_batch([image]), precision, peak,
+                                 repeats, device, flops, flops_of=stage1))
+        finally:
+            semantic_module.use_blocked_attention = chooser
+        stage1 += " (blocked attention)"
+    work = [(stage1, lambda: semantic.encode_batch([image]), stage1.split(" (")[0], "(blocked" not in stage1)]
+    stage2 = f"stage 2 CLIP {cfg.boundary.model} layer3 @{cfg.boundary.short_side}"
+    if boundary.memory_format == torch.channels_last:  # before: the NCHW trunk (release fidelity's layout)
+        set_memory_format(boundary, torch.contiguous_format)
+        rows.append(_measure(stage2 + " (NCHW)", lambda: boundary.encode_batch([image]), precision, peak, repeats,
+                             device, flops, flops_of=stage2))
+        set_memory_format(boundary, torch.channels_last)
+        stage2 += " (channels-last)"
+    work.append((stage2, lambda: boundary.encode_batch([image]), stage2.split(" (")[0], True))
     sam_name = f"stage 4 SAM {cfg.sam.model_type} encoder @1024"
     encoder = refiner.predictor.model.image_encoder
     restore_reference_attention(encoder)
-    work.append((sam_name + " (reference)", lambda: refiner.embed_batch([image])))
-    for name, fn in work:
-        rows.append(_measure(name, fn, precision, peak, repeats, device, flops))
+    work.append((sam_name + " (reference)", lambda: refiner.embed_batch([image]), None, True))
+    for name, fn, flops_of, fused in work:
+        rows.append(_measure(name, fn, precision, peak, repeats, device, flops, flops_of=flops_of, fused=fused))
     reference = refiner.embed_batch([image])[0].float()
     use_fast_attention(encoder)
     fast_row = _measure(sam_name + " (fast: SDPA + bias mask)", lambda: refiner.embed_batch([image]), precision,
@@ -121,20 +174,48 @@ def encoder_rows(gen, image: np.ndarray, precision: str, peak: float, repeats: i
     fast = refiner.embed_batch([image])[0].float()
     fast_row["max_abs_diff"] = float((fast - reference).abs().max())
     fast_row["mask_iou"] = _mask_iou(refiner, image, reference, fast)
-    restore_reference_attention(encoder)
     rows.append(fast_row)
+    if device == "cpu" and precision in ("bf16", "fp16"):  # attention: fast = the blocked kernel here
+        use_fast_attention(encoder, kernel="fast")
+        blocked_row = _measure(sam_name + " (fast: blocked attention)", lambda: refiner.embed_batch([image]),
+                               precision, peak, repeats, device, flops, flops_of=sam_name + " (reference)",
+                               fused=False)
+        blocked = refiner.embed_batch([image])[0].float()
+        blocked_row["max_abs_diff"] = float((blocked - reference).abs().max())
+        blocked_row["mask_iou"] = _mask_iou(refiner, image, reference, blocked)
+        rows.append(blocked_row)
+    restore_reference_attention(encoder)
     return rows
 
 
+def set_memory_format(boundary, memory_format) -> None:
+    """Run the boundary stage's trunk in ``memory_format`` (weights and inputs)."""
+    boundary.memory_format = memory_format
+    boundary.trunk.to(memory_format=memory_format)
+
+
 def _measure(name: str, fn, precision: str, peak: float, repeats: int, device: str, flops: dict[str, int],
-             flops_of: str | None = None) -> dict:
+             flops_of: str | None = None, fused: bool = True) -> dict:
+    if flops_of and flops_of not in flops:
+        flops[flops_of] = count_flops(fn)
     key = flops_of or name  # the fast SAM path does the reference's work: its FLOPs are the reference's
     if key not in flops:
         flops[key] = count_flops(fn)
+    attention_key = name + " (fused attention)"
+    if attention_key not in flops:  # fused=False: no fused attention kernel runs (blocked attention is bmm)
+        flops[attention_key] = fused_attention_flops(fn) if fused else 0
     seconds = timed(fn, repeats, device)
     gflops = flops[key] / seconds / 1e9
-    return {"encoder": name, "precision": precision, "gflop": flops[key] / 1e9, "seconds": seconds,
-            "gflop_s": gflops, "fraction_of_peak": gflops / peak}
+    row = {"encoder": name, "precision": precision, "gflop": flops[key] / 1e9, "seconds": seconds,
+           "gflop_s": gflops, "fraction_of_peak": gflops / peak}
+    if repeats > 0 and device == "cpu":
+        split = time_split(fn)
+        attention_flops = flops[attention_key] if split["attention"] > 0 else 0  # 0: attention ran as bmm
+        row["split"] = split
+        row["gemm_fraction"] = (flops[key] - attention_flops) / max(split["gemm"], 1e-9) / 1e9 / peak
+        row["attention_fraction"] = (attention_flops / max(split["attention"], 1e-9) / 1e9 / peak
+                                     if attention_flops else float("nan"))
+    return row
 
 
 def _mask_iou(refiner, image: np.ndarray, reference, fast) -> float:
@@ -154,18 +235,29 @@ def _mask_iou(refiner, image: np.ndarray, reference, fast) -> float:
 def kmeans_row(gen, image: np.ndarray, device: str, iterations: int = 10) -> dict:
     import torch
 
-    from labelgen.generators.zip.kmeans import kmeans
+    from labelgen.generators.zip import kmeans as kmeans_module
 
     features = gen.boundary.encode_batch([image])[0]
     points = features[0].flatten(1).T.contiguous().float()  # (n, d)
     n, d = points.shape
     k = gen.config.boundary.num_clusters
-    with torch.inference_mode():
-        seconds = timed(lambda: kmeans(points, k, iterations, 0.0), 2, device)
-    per_iteration = seconds / iterations
+
+    def per_iteration(fn) -> float:
+        with torch.inference_mode():
+            done = fn(points, k, iterations, 0.0)[2]
+            return timed(lambda: fn(points, k, iterations, 0.0), 2, device) / done
+
+    fast = per_iteration(kmeans_module.kmeans)
+    release = per_iteration(kmeans_module.kmeans_release)
+    cached = kmeans_module._ReleaseDistances
+    kmeans_module._ReleaseDistances = lambda rows: (lambda centroids: torch.cdist(rows, centroids, p=2))
+    try:  # before: torch.cdist called afresh every iteration, as the release does
+        release_before = per_iteration(kmeans_module.kmeans_release)
+    finally:
+        kmeans_module._ReleaseDistances = cached
     flops = 2 * n * k * d  # the distance GEMM of one assignment step
-    return {"n": n, "d": d, "k": k, "seconds_per_iteration": per_iteration,
-            "gflop_s_distances": flops / per_iteration / 1e9}
+    return {"n": n, "d": d, "k": k, "seconds_per_iteration": fast, "gflop_s_distances": flops / fast / 1e9,
+            "release_seconds_per_iteration": release, "release_before_seconds_per_iteration": release_before}
 
 
 def synthetic_masks(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -244,18 +336,28 @@ def main() -> None:
         if args.skip_encoders:
             continue
         gen = build_generator(args.recipe, precision, args.device)
-        print(f"| encoder | precision | GFLOP/image | s/image | GFLOP/s | fraction of peak | notes |")
-        print("|---|---|---|---|---|---|---|")
+        print("| encoder | precision | GFLOP/image | s/image | GFLOP/s | fraction of peak |"
+              " time in matmul+conv / fused attention / other | matmul+conv at / attention at (of peak) | notes |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for row in encoder_rows(gen, image, precision, peak, args.repeats, args.device, flops):
             notes = ""
             if "max_abs_diff" in row:
                 notes = f"max abs diff {row['max_abs_diff']:.2e}, mask IoU {row['mask_iou']:.4f}"
+            split = row.get("split")
+            shares = kinds = ""
+            if split:
+                total = sum(split.values())
+                shares = " / ".join(f"{split[k] / total:.0%}" for k in ("gemm", "attention", "other"))
+                attention = row["attention_fraction"]
+                kinds = f"{row['gemm_fraction']:.0%} / " + ("-" if attention != attention else f"{attention:.0%}")
             print(f"| {row['encoder']} | {precision} | {row['gflop']:.1f} | {row['seconds']:.3f} |"
-                  f" {row['gflop_s']:.0f} | {row['fraction_of_peak']:.0%} | {notes} |", flush=True)
+                  f" {row['gflop_s']:.0f} | {row['fraction_of_peak']:.0%} | {shares} | {kinds} | {notes} |", flush=True)
     gen = gen or build_generator(args.recipe, args.precisions[-1], args.device)
     km = kmeans_row(gen, image, args.device)
     print(f"\nk-means: n={km['n']} points, d={km['d']}, k={km['k']}: {km['seconds_per_iteration'] * 1000:.1f} ms per"
-          f" iteration, distances at {km['gflop_s_distances']:.0f} GFLOP/s")
+          f" iteration (fidelity fast), distances at {km['gflop_s_distances']:.0f} GFLOP/s;"
+          f" fidelity release {km['release_seconds_per_iteration'] * 1000:.1f} ms per iteration"
+          f" (before, cdist rebuilt every iteration: {km['release_before_seconds_per_iteration'] * 1000:.1f} ms)")
     print("\nCPU finish on one thread (ms per image):")
     print("| masks | RLE before (C-order masks) | RLE (column-major masks) | boxes | NMS | labeler crops |"
           " total before | total |")

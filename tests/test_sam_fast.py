@@ -103,3 +103,23 @@ def test_the_attention_path_is_part_of_the_sam_cache_key():
         gen = GENERATORS.get(loaded.generator.name).from_config(loaded.generator.params)
         keys.append(gen.cache_keys(np.zeros((8, 8, 3), np.uint8))["sam_embedding"])
     assert keys[0] != keys[1] and "attention" not in keys[0]  # reference keys are the ones of earlier caches
+
+
+@pytest.mark.slow
+def test_vit_b_encoder_fast_kernel_in_bf16_on_the_real_architecture():
+    """``attention: fast`` on CPU in bf16 (blocked attention, the bias added from its two factors): as close to
+    the fp32 encoder as the reference attention in bf16 is, and masks of the same quality."""
+    torch.manual_seed(0)
+    encoder = build_sam("vit_b", None).image_encoder.eval()
+    _randomise_rel_pos(encoder)
+    pixels = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        exact = encoder(pixels)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reference = encoder(pixels).float()
+            assert use_fast_attention(encoder, kernel="fast") == 12
+            fast = encoder(pixels).float()
+        restore_reference_attention(encoder)
+    reference_error = (reference - exact).abs().max().item()
+    fast_error = (fast - exact).abs().max().item()
+    assert fast_error <= 1.5 * reference_error, (fast_error, reference_error)

@@ -53,8 +53,9 @@ class SamAutoConfig:
 
     model_type: str = "vit_h"  # vit_h | vit_l | vit_b (tiny: test model, random weights only)
     checkpoint: str = ""  # local state-dict file; empty = the official checkpoint in the labelgen cache
-    attention: Literal["reference", "sdpa"] = "reference"  # image encoder: segment_anything's attention, or one
-    # fused attention call with the relative-position bias as a mask (models/sam_fast.py; same within rounding)
+    attention: Literal["reference", "sdpa", "fast"] = "reference"  # image encoder: segment_anything's attention;
+    # sdpa = one fused attention call with the relative-position bias as a mask (models/sam_fast.py); fast = sdpa,
+    # or blocked attention on CPU in bf16/fp16 (models/blocked_attention.py). Same within rounding
     points_per_side: int = 32  # >= 1; the prompt grid is points_per_side^2 points (per crop layer 0)
     points_per_batch: int = 64  # >= 1; points decoded at once: speed vs. memory, same masks
     pred_iou_thresh: float = bounded(0.88, None, 1.0)  # keep masks with predicted IoU > this; <= 0 turns the
@@ -81,8 +82,8 @@ class SamAutoConfig:
             raise ConfigError(f"generator.{exc}") from None
         if self.model_type not in SAM_MODEL_TYPES:
             raise ConfigError(f"generator.model_type: expected one of {list(SAM_MODEL_TYPES)}; got {self.model_type!r}")
-        if self.attention not in ("reference", "sdpa"):
-            raise ConfigError(f"generator.attention: expected reference or sdpa; got {self.attention!r}")
+        if self.attention not in ("reference", "sdpa", "fast"):
+            raise ConfigError(f"generator.attention: expected reference, sdpa or fast; got {self.attention!r}")
         if self.precision not in PRECISION_CHOICES:
             raise ConfigError(f"generator.precision: expected one of {list(PRECISION_CHOICES)}; got {self.precision!r}")
         for name, high in (("points_per_side", 1024), ("points_per_batch", 65536),
@@ -149,10 +150,10 @@ class SamAutoGenerator(Generator):
             log.warning("sam-auto: building SAM with RANDOM WEIGHTS; labels are meaningless")
         sam, sam_facts = load_sam(config.model_type, config.checkpoint, random_weights=config.random_weights,
                                   allow_download=config.allow_download, device=dev, config_key=CHECKPOINT_KEY)
-        if config.attention == "sdpa":
+        if config.attention != "reference":
             from ..models.sam_fast import use_fast_attention
 
-            use_fast_attention(sam.image_encoder)
+            use_fast_attention(sam.image_encoder, kernel=config.attention)
         mask_generator = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **config.amg_kwargs())
         mask_generator.predictor = _float32_outputs(mask_generator.predictor)
         facts = {"generator": cls.name, "random_weights": config.random_weights, "device": str(dev),

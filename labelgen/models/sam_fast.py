@@ -24,23 +24,33 @@ if TYPE_CHECKING:
     import torch
 
 FAST_FLAG = "_labelgen_fast_attention"
+KERNEL_ATTR = "_labelgen_attention_kernel"
+KERNELS = ("sdpa", "fast")
 
 
-def use_fast_attention(image_encoder: "torch.nn.Module", *, channels_last: bool = True) -> int:
-    """Make every ``segment_anything`` attention block of ``image_encoder`` run through SDPA.
+def use_fast_attention(image_encoder: "torch.nn.Module", *, channels_last: bool = True, kernel: str = "sdpa") -> int:
+    """Make every ``segment_anything`` attention block of ``image_encoder`` run through a faster kernel.
 
     Args:
         image_encoder: ``Sam.image_encoder`` (``ImageEncoderViT``) or any module holding its blocks.
         channels_last: also store the encoder's 2-D convolution weights channels-last.
+        kernel: ``"sdpa"``: always the fused SDPA call with the bias as a mask; ``"fast"``: per call, the
+            faster of that and :func:`~labelgen.models.blocked_attention.blocked_attention` (the blocked
+            kernel for CPU tensors in bf16 / fp16, the fused one elsewhere).
     Returns:
         The number of attention modules changed (0: nothing of segment_anything's layout found).
     """
     import torch
     from segment_anything.modeling.image_encoder import Attention
 
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     changed = 0
     for module in image_encoder.modules():
-        if isinstance(module, Attention) and not getattr(module, FAST_FLAG, False):
+        if isinstance(module, Attention):
+            setattr(module, KERNEL_ATTR, kernel)
+            if getattr(module, FAST_FLAG, False):
+                continue
             module.forward = types.MethodType(_sdpa_forward, module)
             setattr(module, FAST_FLAG, True)
             changed += 1
@@ -76,6 +86,17 @@ def decomposed_rel_pos_bias(q: "torch.Tensor", rel_pos_h: "torch.Tensor", rel_po
     Returns:
         ``(N, H·W, H·W)`` bias, ``bias[n, (i, j), (k, l)] = q[n, (i, j)]·Rh[i, k] + q[n, (i, j)]·Rw[j, l]``.
     """
+    height, width = size_hw
+    rel_h, rel_w = decomposed_rel_pos_terms(q, rel_pos_h, rel_pos_w, size_hw)
+    batch = q.shape[0]
+    bias = rel_h.view(batch, height, width, height, 1) + rel_w.view(batch, height, width, 1, width)
+    return bias.reshape(batch, height * width, height * width)
+
+
+def decomposed_rel_pos_terms(q: "torch.Tensor", rel_pos_h: "torch.Tensor", rel_pos_w: "torch.Tensor",
+                             size_hw: tuple[int, int]) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """The bias's two factors: ``(N, H·W, H)`` row terms ``q[n, (i, j)]·Rh[i, k]`` and ``(N, H·W, W)``
+    column terms ``q[n, (i, j)]·Rw[j, l]`` (arguments as :func:`decomposed_rel_pos_bias`)."""
     import torch
     from segment_anything.modeling.image_encoder import get_rel_pos
 
@@ -86,8 +107,7 @@ def decomposed_rel_pos_bias(q: "torch.Tensor", rel_pos_h: "torch.Tensor", rel_po
     grid = q.reshape(batch, height, width, channels)
     rel_h = torch.einsum("nijc,ikc->nijk", grid, table_h)  # (N, H, W, H)
     rel_w = torch.einsum("nijc,jlc->nijl", grid, table_w)  # (N, H, W, W)
-    bias = rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]  # (N, H, W, H, W)
-    return bias.reshape(batch, height * width, height * width)
+    return rel_h.reshape(batch, height * width, height), rel_w.reshape(batch, height * width, width)
 
 
 def _sdpa_forward(self: "torch.nn.Module", x: "torch.Tensor") -> "torch.Tensor":
@@ -96,10 +116,19 @@ def _sdpa_forward(self: "torch.nn.Module", x: "torch.Tensor") -> "torch.Tensor":
     ``x``: ``(B, H, W, dim)`` tokens of one window or of the whole grid; returns the same shape."""
     import torch.nn.functional as F
 
+    from .blocked_attention import blocked_attention, use_blocked_attention
+
     batch, height, width, _ = x.shape
     tokens = height * width
     qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # each (B, heads, L, head_dim)
+    if getattr(self, KERNEL_ATTR, "sdpa") == "fast" and use_blocked_attention(q):
+        flat = [t.reshape(batch * self.num_heads, tokens, -1) for t in (q, k, v)]
+        rel = (decomposed_rel_pos_terms(flat[0], self.rel_pos_h, self.rel_pos_w, (height, width))
+               if self.use_rel_pos else (None, None))
+        out = blocked_attention(*flat, scale=self.scale, rel_h=rel[0], rel_w=rel[1])
+        out = out.view(batch, self.num_heads, tokens, -1)
+        return self.proj(out.permute(0, 2, 1, 3).reshape(batch, height, width, -1))
     mask = None
     if self.use_rel_pos:
         flat_q = q.reshape(batch * self.num_heads, tokens, -1)

@@ -101,9 +101,10 @@ class SamConfig:
     model_type: str = one_of("vit_h", tuple(dict.fromkeys(SAM_MODEL_TYPES + SAM2_MODEL_TYPES)))  # sam1: vit_h |
     # vit_l | vit_b; sam2: sam2.1_hiera_tiny | _small | _base_plus | _large (tiny: either's test model, random weights)
     checkpoint: str = ""  # local file; empty = the official checkpoint in the labelgen cache
-    attention: Literal["reference", "sdpa"] = one_of("reference", ("reference", "sdpa"))  # sam1's image encoder:
-    # reference = segment_anything's attention; sdpa = one fused attention call with the relative-position bias
-    # as a mask (models/sam_fast.py; same embedding within float rounding, faster). SAM 2 always runs SDPA
+    attention: Literal["reference", "sdpa", "fast"] = one_of("reference", ("reference", "sdpa", "fast"))  # sam1's
+    # image encoder: reference = segment_anything's attention; sdpa = one fused attention call with the
+    # relative-position bias as a mask (models/sam_fast.py); fast = sdpa, except on CPU in bf16/fp16, where
+    # blocked attention (models/blocked_attention.py) is 2x faster. Same embedding within rounding. SAM 2: SDPA
     multimask_output: bool = False  # True: 3 masks per box, keep the highest predicted IoU
     nms_iou: float = bounded(0.7, 0.0, 1.0)  # [ours] suppress a mask whose IoU with a better one exceeds this
     nms_ios: float = bounded(0.9, 0.0, 1.0)  # [ours] ... or whose intersection-over-smaller exceeds this

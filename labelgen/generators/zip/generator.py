@@ -263,7 +263,10 @@ class ZipGenerator(Generator):
         return {
             SEMANTIC_TOKENS: {**common, "model": cfg.semantic.model, "weights": self._weights_id("semantic"),
                               "input_size": cfg.semantic.input_size, "surgery_depth": cfg.semantic.surgery_depth,
-                              "new_path_start": cfg.semantic.new_path_start},
+                              "new_path_start": cfg.semantic.new_path_start,
+                              # CPU bf16/fp16 attention is blocked (models/blocked_attention.py) since issue 16
+                              **({"attention_kernel": "blocked"}
+                                 if common["device_type"] == "cpu" and precision in ("bf16", "fp16") else {})},
             LAYER3: {**common, "model": cfg.boundary.model, "weights": self._weights_id("boundary"),
                      "short_side": cfg.boundary.short_side, "max_long_side": cfg.boundary.max_long_side,
                      "resize_rule": "truncate" if cfg.fidelity == "release" else "round"},

@@ -108,10 +108,11 @@ class SamRefiner:
         self.device = device
         self.precision = precision
         self.predictor = SamPredictor(sam.eval().to(device))
-        if getattr(config, "attention", "reference") == "sdpa":
+        attention = getattr(config, "attention", "reference")
+        if attention != "reference":
             from ...models.sam_fast import use_fast_attention
 
-            use_fast_attention(self.predictor.model.image_encoder)
+            use_fast_attention(self.predictor.model.image_encoder, kernel=attention)
         # boxes per decoder call: all of an image's at once, halved for good on out-of-memory
         self.box_batcher = AdaptiveBatcher(MAX_BOXES_PER_CALL)
 
