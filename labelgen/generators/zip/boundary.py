@@ -160,8 +160,10 @@ class BoundaryStage:
         self.precision = precision
         self.trunk = truncate_to_layer3(getattr(clip_model, "visual", clip_model)).to(self.device).eval()
         # channels-last convolutions: oneDNN's and cuDNN's fast layout (bf16 on CPU: ~1.4x). Not for
-        # ``release``, whose features should come from the same kernels as the release's NCHW run.
-        self.memory_format = torch.channels_last if fidelity == "fast" else torch.contiguous_format
+        # ``release`` in fp32, whose features should come from the same kernels as the release's NCHW fp32
+        # run; in bf16 / fp16 they cannot be the release's bits anyway.
+        faithful_fp32 = fidelity == "release" and precision == "fp32"
+        self.memory_format = torch.contiguous_format if faithful_fp32 else torch.channels_last
         self.trunk.to(memory_format=self.memory_format)
 
     def __call__(self, image_rgb: np.ndarray, activation_map: np.ndarray | None = None) -> BoundaryResult:
