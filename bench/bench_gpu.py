@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-COCO = REPO.parent / "shared" / "assets" / "data" / "coco128-seg" / "images" / "train2017"
+COCO = Path(os.environ.get("LABELGEN_COCO128", REPO.parent / "shared" / "assets" / "data" / "coco128-seg")) \
+    / "images" / "train2017"
 
 
 def synchronize(device: str) -> None:

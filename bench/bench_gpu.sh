@@ -8,8 +8,16 @@
 # torch.compile off/on: images/s, peak GPU memory, and the fraction of this GPU's bf16 matmul peak (measured in
 # the same run); then runs the tests marked `gpu` (batched equals single, a real out-of-memory back-off, two
 # workers pinned to one GPU). Figures go to stdout and to bench/gpu-results.json.
+#
+# On this workplace's lent GPU machine (no network): first `bash bench/gpu_carry.sh` here, then carry .whl and
+# .gpu-data; the wheels are installed into /tmp/site without an index and the images read from .gpu-data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+[ -d .gpu-data/coco128-seg ] && export LABELGEN_COCO128="$PWD/.gpu-data/coco128-seg"
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
   if python3 -c "import torch, open_clip, segment_anything, pycocotools, yaml" 2>/dev/null; then
