@@ -92,7 +92,7 @@ def test_two_workers_pinned_to_one_gpu(coco128_images, tmp_path):
     for path in sorted(coco128_images.glob("*.jpg"))[:4]:
         (images / path.name).symlink_to(path)
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, "-m", "labelgen.cli", "run", "recipes/zip-tiny-random.yaml", "--images", str(images),
            "--out", str(out), "--set", "execution.workers=2", "--set", "execution.devices=[cuda:0, cuda:0]",
            "--set", "store.shard_size=2"]
