@@ -14,9 +14,8 @@ def _reference(q, k, v, scale, rel_h=None, rel_w=None):
     q, k, v = (t.double() for t in (q, k, v))
     scores = scale * q @ k.transpose(1, 2)
     if rel_h is not None:
-        batch, length, height = rel_h.shape
         bias = rel_h.double()[:, :, :, None] + rel_w.double()[:, :, None, :]
-        scores = scores + bias.reshape(batch, length, length)
+        scores = scores + bias.reshape(scores.shape)
     return scores.softmax(-1) @ v
 
 
@@ -83,7 +82,7 @@ def test_bad_shapes_are_refused():
         blocked_attention(q, k, v, scale=1.0, rel_h=rel_h)
     with pytest.raises(ValueError, match="H \\* W == L"):
         blocked_attention(q, k, v, scale=1.0, rel_h=rel_h[:, :, :2], rel_w=rel_w)
-    with pytest.raises(ValueError, match="expected q, k"):
+    with pytest.raises(ValueError, match="expected q"):
         blocked_attention(q, k[:, :5], v, scale=1.0)
 
 
@@ -119,5 +118,32 @@ def test_the_semantic_cache_key_names_the_blocked_kernel_on_cpu_in_bf16_only():
         loaded = load_recipe("recipes/zip-tiny-random.yaml", [f"generator.precision={precision}"])
         gen = GENERATORS.get(loaded.generator.name).from_config(loaded.generator.params)
         keys[precision] = gen.cache_keys(np.zeros((8, 8, 3), np.uint8))["clip_surgery_tokens"]
+    assert "attention_kernel" not in keys["fp32"]
+    assert keys["bf16"]["attention_kernel"] == "blocked"
+
+
+@pytest.mark.parametrize("block_bytes", [1 << 30, 40])
+def test_fewer_queries_than_keys(block_bytes):
+    """SAM 2's pooled queries: L_q < L keys; with a bias over the keys' grid too."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 4, 8, generator=g)
+    k, v = torch.randn(3, 16, 8, generator=g), torch.randn(3, 16, 6, generator=g)
+    rel_h, rel_w = torch.randn(3, 4, 4, generator=g), torch.randn(3, 4, 4, generator=g)
+    for bias in ((None, None), (rel_h, rel_w)):
+        got = blocked_attention(q, k, v, scale=0.4, rel_h=bias[0], rel_w=bias[1], block_bytes=block_bytes)
+        assert got.shape == (3, 4, 6)
+        assert (got.double() - _reference(q, k, v, 0.4, *bias)).abs().max().item() < 1e-5
+
+
+def test_the_sam2_cache_key_names_the_blocked_kernel_on_cpu_in_bf16_only():
+    pytest.importorskip("sam2")
+    from labelgen.config import load_recipe
+    from labelgen.generators import GENERATORS
+
+    keys = {}
+    for precision in ("fp32", "bf16"):
+        loaded = load_recipe("recipes/zip-sam2-tiny-random.yaml", [f"generator.precision={precision}"])
+        gen = GENERATORS.get(loaded.generator.name).from_config(loaded.generator.params)
+        keys[precision] = gen.cache_keys(np.zeros((8, 8, 3), np.uint8))["sam_embedding"]
     assert "attention_kernel" not in keys["fp32"]
     assert keys["bf16"]["attention_kernel"] == "blocked"

@@ -68,6 +68,38 @@ def test_tiny_config_builds_the_real_classes_small(tiny_sam2):
         build_sam2("sam2.1_hiera_huge", None)
 
 
+def _hiera_outputs(encoder, pixels, bf16):
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return [t.float() for t in encoder(pixels)["backbone_fpn"]]
+
+
+def test_hiera_attention_is_sam2s_in_fp32_and_blocked_in_bf16_on_cpu(monkeypatch):
+    """build_sam2 gives Hiera's attention labelgen's forward: sam2's own SDPA call, bit for bit, in fp32; on a CPU
+    in bf16 blocked attention, as close to the fp32 encoder as sam2's forward in bf16 is."""
+    from sam2.modeling.backbones.hieradet import MultiScaleAttention
+
+    from labelgen.models import blocked_attention
+
+    torch.manual_seed(0)
+    encoder = build_sam2("tiny", None).image_encoder
+    attentions = [m for m in encoder.modules() if isinstance(m, MultiScaleAttention)]
+    assert attentions and all(getattr(m, "_labelgen_blocked", False) for m in attentions)
+    assert any(m.q_pool for m in attentions)  # the pooled-query blocks take the kernel too
+    pixels = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    calls = []
+    original = blocked_attention.blocked_attention
+    monkeypatch.setattr(blocked_attention, "blocked_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    exact, ours_bf16 = _hiera_outputs(encoder, pixels, False), _hiera_outputs(encoder, pixels, True)
+    assert len(calls) == len(attentions)  # once per block, in bf16 only
+    for module in attentions:
+        del module.forward  # sam2's own forward
+    sam2_fp32, sam2_bf16 = _hiera_outputs(encoder, pixels, False), _hiera_outputs(encoder, pixels, True)
+    assert all(torch.equal(a, b) for a, b in zip(exact, sam2_fp32))
+    ours = max((a - b).abs().max().item() for a, b in zip(ours_bf16, exact))
+    theirs = max((a - b).abs().max().item() for a, b in zip(sam2_bf16, exact))
+    assert 0 < ours <= 1.5 * theirs + 1e-3, (ours, theirs)
+
+
 def test_checkpoint_official_layout_plain_state_dict_and_refusals(tiny_sam2, tmp_path):
     state = tiny_sam2.state_dict()
     official, plain = tmp_path / "official.pt", tmp_path / "plain.pt"

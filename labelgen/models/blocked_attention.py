@@ -42,38 +42,41 @@ def blocked_attention(
     """``softmax(scale · q kᵀ + bias) v`` per batch entry, one cache-sized block of queries at a time.
 
     Args:
-        q, k: ``(N, L, d)`` queries and keys (``N`` = batch · heads, ``L`` tokens).
+        q: ``(N, L_q, d)`` queries (``N`` = batch · heads).
+        k: ``(N, L, d)`` keys; ``L`` may differ from ``L_q`` (SAM 2's pooled queries).
         v: ``(N, L, d_v)`` values.
         scale: multiplies ``q kᵀ`` (``d ** -0.5`` for standard attention).
-        rel_h, rel_w: optional decomposed relative-position terms ``(N, L, H)`` and ``(N, L, W)``
+        rel_h, rel_w: optional decomposed relative-position terms ``(N, L_q, H)`` and ``(N, L_q, W)``
             with ``H · W == L`` (the keys' token grid, raster order): the bias of query ``i`` for key
             ``(a, b)`` is ``rel_h[n, i, a] + rel_w[n, i, b]`` (SAM's ``add_decomposed_rel_pos``).
         block_bytes: size of one block of scores.
     Returns:
-        ``(N, L, d_v)`` in ``q``'s dtype. Autocast is off inside: everything runs in ``q``'s dtype.
+        ``(N, L_q, d_v)`` in ``q``'s dtype. Autocast is off inside: everything runs in ``q``'s dtype.
     """
-    if q.ndim != 3 or k.shape != q.shape or v.ndim != 3 or v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"expected q, k (N, L, d) and v (N, L, d_v); got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+    if (q.ndim != 3 or k.ndim != 3 or v.ndim != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]
+            or v.shape[:2] != k.shape[:2]):
+        raise ValueError(f"expected q (N, L_q, d), k (N, L, d) and v (N, L, d_v); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
     if (rel_h is None) != (rel_w is None):
         raise ValueError("give both rel_h and rel_w, or neither")
-    batch, length, _ = q.shape
-    if rel_h is not None and (rel_h.shape[:2] != (batch, length) or rel_w.shape[:2] != (batch, length)
+    batch, queries, _ = q.shape
+    length = k.shape[1]
+    if rel_h is not None and (rel_h.shape[:2] != (batch, queries) or rel_w.shape[:2] != (batch, queries)
                               or rel_h.shape[2] * rel_w.shape[2] != length):
-        raise ValueError(f"rel_h, rel_w must be (N, L, H), (N, L, W) with H * W == L = {length}; got "
+        raise ValueError(f"rel_h, rel_w must be (N, L_q, H), (N, L_q, W) with H * W == L = {length}; got "
                          f"{tuple(rel_h.shape)}, {tuple(rel_w.shape)}")
     item = q.element_size()
-    rows = max(1, min(length, block_bytes // (length * item)))  # query rows per block
+    rows = max(1, min(queries, block_bytes // (length * item)))  # query rows per block
     group = max(1, min(batch, block_bytes // (rows * length * item)))  # batch entries per block
     dtype = q.dtype
     with torch.autocast(device_type=q.device.type, enabled=False):
         k, v = k.to(dtype), v.to(dtype)
         keys_t = k.transpose(1, 2)
-        out = q.new_empty(batch, length, v.shape[2])
+        out = q.new_empty(batch, queries, v.shape[2])
         for start in range(0, batch, group):
             stop = min(batch, start + group)
-            for row in range(0, length, rows):
-                end = min(length, row + rows)
+            for row in range(0, queries, rows):
+                end = min(queries, row + rows)
                 scores = torch.bmm(q[start:stop, row:end], keys_t[start:stop]).mul_(scale)  # (g, r, L)
                 if rel_h is not None:
                     grid = scores.view(stop - start, end - row, rel_h.shape[2], rel_w.shape[2])

@@ -87,7 +87,50 @@ def build_sam2(model_type: str, checkpoint: Path | None, device: str = "cpu") ->
         except RuntimeError as exc:  # same keys, different shapes
             raise GeneratorError(f"SAM 2.1 checkpoint {checkpoint} does not fit the {model_type} architecture:"
                                  f" {str(exc).splitlines()[0]}. Check generator.sam.model_type.") from exc
+    use_blocked_hiera_attention(model.image_encoder)
     return model.eval().to(device)
+
+
+def use_blocked_hiera_attention(module: "torch.nn.Module") -> int:
+    """Give every Hiera ``MultiScaleAttention`` of ``module`` a forward that runs blocked attention on CPU
+    tensors in bf16 / fp16 (:mod:`labelgen.models.blocked_attention`, ~2x faster there) and sam2's own SDPA
+    call everywhere else (bit for bit sam2's forward). Returns the number of attention modules changed."""
+    import types
+
+    from sam2.modeling.backbones.hieradet import MultiScaleAttention
+
+    changed = 0
+    for block in module.modules():
+        if isinstance(block, MultiScaleAttention) and not getattr(block, "_labelgen_blocked", False):
+            block.forward = types.MethodType(_hiera_attention_forward, block)
+            block._labelgen_blocked = True
+            changed += 1
+    return changed
+
+
+def _hiera_attention_forward(self: "torch.nn.Module", x: "torch.Tensor") -> "torch.Tensor":
+    """sam2's ``MultiScaleAttention.forward`` with the attention kernel chosen per device and dtype.
+    ``x``: (B, H, W, dim) -> (B, H', W', dim_out), H' x W' the pooled query grid."""
+    import torch.nn.functional as F
+    from sam2.modeling.backbones.hieradet import do_pool
+
+    from .blocked_attention import blocked_attention, use_blocked_attention
+
+    batch, height, width, _ = x.shape
+    qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1)
+    q, k, v = qkv.unbind(2)  # each (B, H*W, heads, head_dim)
+    if self.q_pool:
+        q = do_pool(q.reshape(batch, height, width, -1), self.q_pool)
+        height, width = q.shape[1:3]
+        q = q.reshape(batch, height * width, self.num_heads, -1)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, head_dim)
+    if use_blocked_attention(q):
+        heads, head_dim = q.shape[1], q.shape[3]
+        flat = [t.reshape(batch * heads, t.shape[2], head_dim) for t in (q, k, v)]
+        out = blocked_attention(*flat, scale=head_dim ** -0.5).view(batch, heads, -1, head_dim)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    return self.proj(out.transpose(1, 2).reshape(batch, height, width, -1))
 
 
 def _instantiate(model_type: str) -> "SAM2Base":

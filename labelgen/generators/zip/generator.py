@@ -274,7 +274,10 @@ class ZipGenerator(Generator):
             SAM_EMBEDDING: {**common, **({"backend": cfg.sam.backend} if cfg.sam.backend != "sam1" else {}),
                             "model": cfg.sam.model_type,
                             "weights": self._weights_id("sam"),
-                            **({"attention": cfg.sam.attention} if cfg.sam.attention != "reference" else {})},
+                            **({"attention": cfg.sam.attention} if cfg.sam.attention != "reference" else {}),
+                            # SAM 2's Hiera runs blocked attention on CPU in bf16/fp16 (models/sam2.py), since issue 16
+                            **({"attention_kernel": "blocked"} if cfg.sam.backend == "sam2" and common["device_type"]
+                               == "cpu" and precision in ("bf16", "fp16") else {})},
         }
 
     def _weights_id(self, stage: str) -> dict[str, Any]:
