@@ -344,3 +344,18 @@ def test_fast_stage_runs_channels_last_and_matches_the_nchw_trunk(coco_image, pr
     live = fast.cluster(features, *coco_image.shape[:2])
     host = fast.cluster(np.ascontiguousarray(features.numpy()), *coco_image.shape[:2])
     assert np.array_equal(live.labels, host.labels) and live.iterations == host.iterations
+
+
+def test_the_channels_last_copy_hands_each_old_weight_back(monkeypatch, tiny_clip):
+    """Re-laying the trunk out frees the NCHW copies into the C heap; each is handed back to the OS as soon as
+    its convolution is converted (peak host memory: one layer's weights, not the trunk's)."""
+    from labelgen.models import loading
+
+    calls = []
+    monkeypatch.setattr(loading, "return_freed_host_memory", lambda: calls.append(1) or True)
+    stage = BoundaryStage(tiny_clip, BoundaryConfig(), fidelity="fast")
+    convolutions = [m for m in stage.trunk.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(calls) == len(convolutions) > 3
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convolutions)
+    BoundaryStage(tiny_clip, BoundaryConfig(), fidelity="release")  # fp32 release: back to NCHW
+    assert all(c.weight.is_contiguous() for c in convolutions)

@@ -107,6 +107,35 @@ def autocast(device: str | torch.device, precision: str) -> Any:
     return torch.autocast(device_type, dtype=dtype, enabled=precision != "fp32")
 
 
+def return_freed_host_memory() -> bool:
+    """Give the C allocator's freed pages back to the OS (glibc ``malloc_trim``); False where there is none.
+
+    Re-laying a model's weights out (``module.to(memory_format=...)``) frees the old copies into glibc's heap,
+    which keeps them: ~340 MiB of resident memory for RN50x64's trunk until trimmed.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return bool(ctypes.CDLL(name).malloc_trim(0)) if name else False
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return False
+
+
+def to_memory_format(module: torch.nn.Module, memory_format: torch.memory_format) -> torch.nn.Module:
+    """``module.to(memory_format=...)`` one convolution at a time, handing each freed old copy back to the OS,
+    so that re-laying RN50x64's trunk out raises peak host memory by one layer's weights (~24 MiB), not by all
+    of them (~340 MiB). Only 4-D tensors (convolution weights) change layout. Returns ``module``."""
+    convolutions = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    for conv in convolutions:
+        on_host = conv.weight.device.type == "cpu"
+        conv.to(memory_format=memory_format)
+        if on_host:
+            return_freed_host_memory()
+    return module
+
+
 def check_device(device: str) -> torch.device:
     """``cpu``, ``cuda`` or ``cuda:N``; a CUDA device that is not there is a clear error."""
     try:

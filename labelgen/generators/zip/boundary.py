@@ -26,7 +26,7 @@ from ...errors import GeneratorError, ValidationError
 from .config import BoundaryConfig
 from .discovery import class_map_to_grid
 from .kmeans import even_init_indices, kmeans, kmeans_release, release_init_indices, semantic_init_indices
-from ...models.loading import autocast, check_precision
+from ...models.loading import autocast, check_precision, to_memory_format
 
 __all__ = [
     "BoundaryResize",
@@ -164,7 +164,7 @@ class BoundaryStage:
         # run; in bf16 / fp16 they cannot be the release's bits anyway.
         faithful_fp32 = fidelity == "release" and precision == "fp32"
         self.memory_format = torch.contiguous_format if faithful_fp32 else torch.channels_last
-        self.trunk.to(memory_format=self.memory_format)
+        to_memory_format(self.trunk, self.memory_format)
 
     def __call__(self, image_rgb: np.ndarray, activation_map: np.ndarray | None = None) -> BoundaryResult:
         """Cluster one (H, W, 3) uint8 image.
