@@ -142,15 +142,15 @@ def encoder_rows(gen, image: np.ndarray, precision: str, peak: float, repeats: i
     cfg = gen.config
     stage1 = f"stage 1 CLIP {cfg.semantic.model} @{cfg.semantic.input_size}"
     if device == "cpu" and precision in ("bf16", "fp16"):  # before: the fused SDPA kernel; now blocked attention
-        from labelgen.generators.zip import semantic as semantic_module
+        from labelgen.models import blocked_attention as blocked_module
 
-        chooser = semantic_module.use_blocked_attention
-        semantic_module.use_blocked_attention = lambda q: False
+        chooser = blocked_module.use_blocked_attention
+        blocked_module.use_blocked_attention = lambda q: False
         try:
             rows.append(_measure(stage1 + " (fused SDPA)", lambda: semantic.encode_batch([image]), precision, peak,
                                  repeats, device, flops, flops_of=stage1))
         finally:
-            semantic_module.use_blocked_attention = chooser
+            blocked_module.use_blocked_attention = chooser
         stage1 += " (blocked attention)"
     work = [(stage1, lambda: semantic.encode_batch([image]), stage1.split(" (")[0], "(blocked" not in stage1)]
     stage2 = f"stage 2 CLIP {cfg.boundary.model} layer3 @{cfg.boundary.short_side}"

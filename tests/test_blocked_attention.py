@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from labelgen.models.blocked_attention import blocked_attention, use_blocked_attention  # noqa: E402
+from labelgen.models.blocked_attention import blocked_attention, blocked_for, use_blocked_attention  # noqa: E402
 
 
 def _reference(q, k, v, scale, rel_h=None, rel_w=None):
@@ -91,15 +91,18 @@ def test_it_is_chosen_for_cpu_low_precision_only():
     assert use_blocked_attention(torch.zeros(1, dtype=torch.float16))
     assert not use_blocked_attention(torch.zeros(1))
     assert not use_blocked_attention(torch.zeros(1, dtype=torch.float64))
+    assert blocked_for("cpu", "bf16") and blocked_for("cpu", "fp16")
+    assert not blocked_for("cpu", "fp32") and not blocked_for("cuda", "bf16")
 
 
 # -- where it runs: CLIP Surgery's attention and SAM's encoder ---------------------------------------------------
 def test_clip_surgery_attention_takes_the_blocked_kernel_in_bf16(monkeypatch):
     from labelgen.generators.zip import semantic
+    from labelgen.models import blocked_attention as module
 
     calls = []
-    original = semantic.blocked_attention
-    monkeypatch.setattr(semantic, "blocked_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    original = module.blocked_attention
+    monkeypatch.setattr(module, "blocked_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, 17, 32, generator=g) for _ in range(3))
     exact = semantic._multi_head_attention(q, k, v, 4)  # fp32: SDPA

@@ -346,16 +346,23 @@ def test_fast_stage_runs_channels_last_and_matches_the_nchw_trunk(coco_image, pr
     assert np.array_equal(live.labels, host.labels) and live.iterations == host.iterations
 
 
-def test_the_channels_last_copy_hands_each_old_weight_back(monkeypatch, tiny_clip):
+def test_the_channels_last_copy_hands_each_old_weight_back(monkeypatch):
     """Re-laying the trunk out frees the NCHW copies into the C heap; each is handed back to the OS as soon as
-    its convolution is converted (peak host memory: one layer's weights, not the trunk's)."""
+    its convolution is converted (peak host memory: one layer's weights, not the trunk's), and a trunk already
+    in the layout is not copied again."""
     from labelgen.models import loading
 
     calls = []
     monkeypatch.setattr(loading, "return_freed_host_memory", lambda: calls.append(1) or True)
-    stage = BoundaryStage(tiny_clip, BoundaryConfig(), fidelity="fast")
-    convolutions = [m for m in stage.trunk.modules() if isinstance(m, torch.nn.Conv2d)]
+    model = open_clip.create_model(TINY, pretrained=None).eval()  # NCHW, as built
+    all_convolutions = [m for m in truncate_to_layer3(model.visual).modules() if isinstance(m, torch.nn.Conv2d)]
+    # a 1x1 kernel's NCHW weight is channels-last already; the others need a copy
+    convolutions = [c for c in all_convolutions if not c.weight.is_contiguous(memory_format=torch.channels_last)]
+    stage = BoundaryStage(model, BoundaryConfig(), fidelity="fast")
     assert len(calls) == len(convolutions) > 3
-    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convolutions)
-    BoundaryStage(tiny_clip, BoundaryConfig(), fidelity="release")  # fp32 release: back to NCHW
-    assert all(c.weight.is_contiguous() for c in convolutions)
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in all_convolutions)
+    assert stage.trunk.conv1 is model.visual.conv1
+    BoundaryStage(model, BoundaryConfig(), fidelity="fast")  # already channels-last: nothing to copy
+    assert len(calls) == len(convolutions)
+    BoundaryStage(model, BoundaryConfig(), fidelity="release")  # fp32 release: back to NCHW
+    assert all(c.weight.is_contiguous() for c in convolutions) and len(calls) == 2 * len(convolutions)

@@ -19,14 +19,32 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["blocked_attention", "use_blocked_attention"]
+__all__ = ["blocked_attention", "blocked_for", "head_attention", "use_blocked_attention"]
 
 BLOCK_BYTES = 4 << 20  # scores of one block: ~4 MiB stays in this machine's L2 + L3 share
 
 
+def blocked_for(device_type: str, precision: str) -> bool:
+    """True where :func:`blocked_attention` is the faster kernel: on ``cpu`` in ``bf16`` or ``fp16`` (the
+    precision names of ``generator.precision``; the feature cache keys name the kernel by this rule)."""
+    return device_type == "cpu" and precision in ("bf16", "fp16")
+
+
 def use_blocked_attention(q: torch.Tensor) -> bool:
-    """True where :func:`blocked_attention` is the faster kernel: CPU tensors in bf16 or fp16."""
-    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+    """:func:`blocked_for` a tensor: CPU tensors in bf16 or fp16."""
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(q.dtype, "fp32")
+    return blocked_for(q.device.type, precision)
+
+
+def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Multi-head ``softmax(q kᵀ / sqrt(d)) v`` on ``(B, heads, L, d)`` tensors (``q`` may have fewer tokens),
+    ``(B, heads, L_q, d_v)`` out: :func:`blocked_attention` where :func:`use_blocked_attention`, else the
+    fused ``scaled_dot_product_attention``."""
+    if not use_blocked_attention(q):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    batch, heads, queries, head_dim = q.shape
+    flat = [t.reshape(batch * heads, t.shape[2], t.shape[3]) for t in (q, k, v)]
+    return blocked_attention(*flat, scale=head_dim ** -0.5).view(batch, heads, queries, v.shape[3])
 
 
 def blocked_attention(

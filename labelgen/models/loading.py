@@ -127,7 +127,8 @@ def to_memory_format(module: torch.nn.Module, memory_format: torch.memory_format
     """``module.to(memory_format=...)`` one convolution at a time, handing each freed old copy back to the OS,
     so that re-laying RN50x64's trunk out raises peak host memory by one layer's weights (~24 MiB), not by all
     of them (~340 MiB). Only 4-D tensors (convolution weights) change layout. Returns ``module``."""
-    convolutions = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    convolutions = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)
+                    and not m.weight.is_contiguous(memory_format=memory_format)]  # already laid out: no copy
     for conv in convolutions:
         on_host = conv.weight.device.type == "cpu"
         conv.to(memory_format=memory_format)

@@ -111,10 +111,9 @@ def use_blocked_hiera_attention(module: "torch.nn.Module") -> int:
 def _hiera_attention_forward(self: "torch.nn.Module", x: "torch.Tensor") -> "torch.Tensor":
     """sam2's ``MultiScaleAttention.forward`` with the attention kernel chosen per device and dtype.
     ``x``: (B, H, W, dim) -> (B, H', W', dim_out), H' x W' the pooled query grid."""
-    import torch.nn.functional as F
     from sam2.modeling.backbones.hieradet import do_pool
 
-    from .blocked_attention import blocked_attention, use_blocked_attention
+    from .blocked_attention import head_attention
 
     batch, height, width, _ = x.shape
     qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1)
@@ -123,13 +122,7 @@ def _hiera_attention_forward(self: "torch.nn.Module", x: "torch.Tensor") -> "tor
         q = do_pool(q.reshape(batch, height, width, -1), self.q_pool)
         height, width = q.shape[1:3]
         q = q.reshape(batch, height * width, self.num_heads, -1)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, head_dim)
-    if use_blocked_attention(q):
-        heads, head_dim = q.shape[1], q.shape[3]
-        flat = [t.reshape(batch * heads, t.shape[2], head_dim) for t in (q, k, v)]
-        out = blocked_attention(*flat, scale=head_dim ** -0.5).view(batch, heads, -1, head_dim)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v)
+    out = head_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, heads, L, head_dim)
     return self.proj(out.transpose(1, 2).reshape(batch, height, width, -1))
 
 

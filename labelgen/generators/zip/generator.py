@@ -256,17 +256,18 @@ class ZipGenerator(Generator):
         and weights identity, every setting its output depends on, the precision and the device
         type; never the vocabulary, the thresholds or anything downstream of the encoder.
         """
+        from ...models.blocked_attention import blocked_for
+
         cfg = self.config
         precision = self.facts.get("precision", cfg.precision)  # resolved: "auto" differs between machines
         common = {"format": CACHE_FORMAT, "image_sha256": image_sha256(image_rgb), "precision": precision,
                   "device_type": str(self.facts.get("device", "cpu")).split(":")[0]}
+        # CLIP Surgery's and SAM 2's attention runs blocked here (models/blocked_attention.py) since issue 16
+        blocked = {"attention_kernel": "blocked"} if blocked_for(common["device_type"], precision) else {}
         return {
             SEMANTIC_TOKENS: {**common, "model": cfg.semantic.model, "weights": self._weights_id("semantic"),
                               "input_size": cfg.semantic.input_size, "surgery_depth": cfg.semantic.surgery_depth,
-                              "new_path_start": cfg.semantic.new_path_start,
-                              # CPU bf16/fp16 attention is blocked (models/blocked_attention.py) since issue 16
-                              **({"attention_kernel": "blocked"}
-                                 if common["device_type"] == "cpu" and precision in ("bf16", "fp16") else {})},
+                              "new_path_start": cfg.semantic.new_path_start, **blocked},
             LAYER3: {**common, "model": cfg.boundary.model, "weights": self._weights_id("boundary"),
                      "short_side": cfg.boundary.short_side, "max_long_side": cfg.boundary.max_long_side,
                      "resize_rule": "truncate" if cfg.fidelity == "release" else "round"},
@@ -275,9 +276,7 @@ class ZipGenerator(Generator):
                             "model": cfg.sam.model_type,
                             "weights": self._weights_id("sam"),
                             **({"attention": cfg.sam.attention} if cfg.sam.attention != "reference" else {}),
-                            # SAM 2's Hiera runs blocked attention on CPU in bf16/fp16 (models/sam2.py), since issue 16
-                            **({"attention_kernel": "blocked"} if cfg.sam.backend == "sam2" and common["device_type"]
-                               == "cpu" and precision in ("bf16", "fp16") else {})},
+                            **(blocked if cfg.sam.backend == "sam2" else {})},
         }
 
     def _weights_id(self, stage: str) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from PIL import Image
 
 from ...errors import ConfigError, GeneratorError, ValidationError
 from .config import SemanticConfig
-from ...models.blocked_attention import blocked_attention, use_blocked_attention
+from ...models.blocked_attention import head_attention
 from ...models.loading import PRECISIONS, autocast
 from ...models.prompts import PROMPT_TEMPLATES
 
@@ -280,11 +280,7 @@ def _multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
     def split(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(batch, tokens, heads, head_dim).transpose(1, 2)
 
-    if use_blocked_attention(q):
-        flat = [split(t).reshape(batch * heads, tokens, head_dim) for t in (q, k, v)]
-        context = blocked_attention(*flat, scale=head_dim ** -0.5).view(batch, heads, tokens, head_dim)
-    else:
-        context = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    context = head_attention(split(q), split(k), split(v))
     return context.transpose(1, 2).reshape(batch, tokens, width)
 
 
